@@ -1,0 +1,85 @@
+"""One interface for every condition: render it from synthetic ground truth or annotate a real image."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import cv2
+import numpy as np
+
+from metacontrol.conditions.annotators import AnnotatorSpec, AnnotatorUnavailable, load_annotator
+from metacontrol.configuration import ConfigError
+from metacontrol.data.world import Scene
+
+
+def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    """(H, W) or (H, W, 1|3|4) in uint8 -> (H, W, 3) uint8, the format ControlNets are trained on."""
+    if array.dtype != np.uint8:
+        raise TypeError(f"expected a uint8 map, got {array.dtype}")
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.shape[2] == 1:
+        return np.repeat(array, 3, axis=2)
+    if array.shape[2] == 4:
+        return array[:, :, :3].copy()
+    return array
+
+
+class Condition(ABC):
+    """A kind of control map (canny, depth, pose...).
+
+    ``render`` gives the exact map from synthetic ground truth; ``annotate`` derives it from an RGB
+    image with a controlnet-aux detector, as one would for real photos. Both return (H, W, 3) uint8
+    at the size of the input.
+    """
+
+    name: ClassVar[str]
+    is_edge: ClassVar[bool] = False  # edge-like maps are the ones the paper controls zero-shot
+    annotator: ClassVar[AnnotatorSpec | None] = None
+
+    @abstractmethod
+    def render(self, scene: Scene) -> np.ndarray: ...
+
+    def detector_kwargs(self, resolution: int) -> dict[str, Any]:
+        """Keyword arguments for the controlnet-aux detector's ``__call__`` at ``resolution``."""
+        return {"detect_resolution": resolution, "image_resolution": resolution, "output_type": "np"}
+
+    def annotate(self, image: np.ndarray, annotators: str | None = None) -> np.ndarray:
+        """Run the condition's controlnet-aux annotator on an (H, W, 3) uint8 RGB image."""
+        if self.annotator is None:
+            raise AnnotatorUnavailable(
+                f"condition {self.name!r} has no controlnet-aux annotator; provide its maps as "
+                "conditioning images (a `conditioning_image` column) or use the synthetic world"
+            )
+        detector = load_annotator(self.annotator, annotators)
+        h, w = image.shape[:2]
+        detect = max(64, int(np.ceil(max(h, w) / 64) * 64))
+        out = detector(image, **self.detector_kwargs(detect))
+        out = to_rgb_uint8(np.asarray(out))
+        if out.shape[:2] != (h, w):
+            out = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Condition {self.name}>"
+
+
+_REGISTRY: dict[str, Condition] = {}
+
+
+def register(cls: type[Condition]) -> type[Condition]:
+    """Class decorator adding a condition (one instance) to the registry under ``cls.name``."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_condition(name: str) -> Condition:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown condition {name!r}; known conditions: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def condition_names() -> list[str]:
+    return sorted(_REGISTRY)
