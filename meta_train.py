@@ -1,0 +1,194 @@
+"""Meta-train a ControlNet initialisation over several condition tasks (Reptile, FOMAML or joint).
+
+    accelerate launch meta_train.py [--config configs/meta_tiny.yaml] [key=value ...]
+
+With no arguments it meta-trains against the embedded tiny base model on the synthetic world
+(canny, hed, depth, pose) and writes a diffusers ControlNet folder to checkpoints/meta-controlnet-tiny.
+The loop below is the whole algorithm; the pieces it calls each do one job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from metacontrol.config import MetaTrainConfig
+from metacontrol.configuration import ConfigError, load_config, save_config
+from metacontrol.controlnet import create_controlnet
+from metacontrol.data.sampler import TaskSampler
+from metacontrol.meta.algorithms import MetaLearner
+from metacontrol.meta.freezing import freeze_table, trainable_parameters
+from metacontrol.objective import ControlNetObjective
+from metacontrol.training import (
+    NonFiniteLossError,
+    TrainingProgress,
+    build_task_data,
+    checked_loss,
+    configure_attention,
+    flat_config,
+    load_base_for_training,
+    resolve_resume_path,
+    save_final_controlnet,
+    save_training_state,
+    weight_dtype_of,
+)
+from metacontrol.validation import log_validation
+
+logger = logging.getLogger("meta_train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/meta_tiny.yaml", help="YAML config (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. meta.algorithm=fomaml")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    cfg = load_config(MetaTrainConfig, args.config, args.overrides)
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    set_seed(cfg.seed)
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+
+    # -- models: frozen base in the weight dtype, trainable ControlNet in fp32 ----------------------
+    base = load_base_for_training(cfg, weight_dtype, accelerator.device)
+    controlnet = create_controlnet(base.unet, base.vae_scale_factor, cfg.controlnet_model_name_or_path)
+    configure_attention(cfg, controlnet, base)
+    controlnet.to(accelerator.device, dtype=torch.float32).train()
+    inner_params = trainable_parameters(controlnet, cfg.freeze.inner, "freeze.inner")
+    outer_params = trainable_parameters(controlnet, cfg.freeze.outer, "freeze.outer")
+    logger.info("ControlNet parameters per phase:\n%s",
+                freeze_table(controlnet, {"inner": cfg.freeze.inner, "outer": cfg.freeze.outer}))
+
+    # -- data, episodes, objective --------------------------------------------------------------------
+    data = build_task_data(cfg, base, accelerator)
+    sampler = TaskSampler(cfg.data.tasks, {t: len(d) for t, d in data.items()}, cfg.meta.tasks_per_meta_step,
+                          cfg.meta.inner_steps, cfg.meta.support_batch_size, cfg.meta.query_batch_size, cfg.seed,
+                          accelerator.process_index, accelerator.num_processes)
+    objective = ControlNetObjective(base, controlnet, weight_dtype, accelerator.autocast())
+    grad_scaler = torch.amp.GradScaler(accelerator.device.type) if accelerator.mixed_precision == "fp16" else None
+    learner = MetaLearner(inner_params, outer_params, cfg.meta.algorithm, cfg.meta.inner_optimizer,
+                          cfg.meta.inner_learning_rate, cfg.meta.max_grad_norm, grad_scaler)
+    reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
+
+    # -- outer optimiser (the only optimiser for `joint`) ---------------------------------------------
+    joint = cfg.meta.algorithm == "joint"
+    optimizer_steps = cfg.meta.max_meta_steps * (cfg.meta.inner_steps if joint else 1)
+    if cfg.meta.outer_optimizer == "sgd":
+        outer_optimizer = torch.optim.SGD(outer_params, lr=cfg.meta.outer_learning_rate,
+                                          weight_decay=cfg.meta.outer_weight_decay)
+    else:
+        outer_optimizer = torch.optim.AdamW(outer_params, lr=cfg.meta.outer_learning_rate,
+                                            weight_decay=cfg.meta.outer_weight_decay)
+    lr_scheduler = get_scheduler(cfg.meta.lr_scheduler, outer_optimizer, num_warmup_steps=cfg.meta.lr_warmup_steps,
+                                 num_training_steps=optimizer_steps)
+    progress = TrainingProgress()
+    # Not `prepare`d on purpose: DDP would all-reduce the inner loop's gradients across *different*
+    # tasks. The meta-gradient is averaged by hand, once per meta-step (MetaLearner.finish).
+    for obj in (controlnet, outer_optimizer, lr_scheduler, progress):
+        accelerator.register_for_checkpointing(obj)
+
+    resume = resolve_resume_path(cfg.resume_from_checkpoint, output_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        logger.info("resumed from %s at meta-step %d", resume, progress.meta_step)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "meta_train_config.yaml")
+    accelerator.init_trackers("metacontrol", config=flat_config(cfg))
+
+    # -- the meta-training loop -----------------------------------------------------------------------
+    def task_loss(episode, indices, phase: int):
+        def compute(k: int | None = None) -> torch.Tensor:
+            batch_indices = indices if k is None else episode.support[k]
+            seed = episode.seed(phase if k is None else k)
+            generator = torch.Generator().manual_seed(seed)
+            return checked_loss(objective.loss(data[episode.task].batch(batch_indices), generator),
+                                episode, progress.meta_step, phase if k is None else k, batch_indices)
+        return compute
+
+    bar = tqdm(total=cfg.meta.max_meta_steps, initial=progress.meta_step, desc=f"meta-train ({cfg.meta.algorithm})",
+               disable=not accelerator.is_local_main_process)
+    start, first_step = time.time(), progress.meta_step
+    while progress.meta_step < cfg.meta.max_meta_steps:
+        episodes = sampler.episodes(progress.meta_step)
+        logs: dict[str, float] = {}
+        failure: NonFiniteLossError | None = None
+        try:
+            if joint:  # inner_steps plain steps, each on one batch of every task: same data budget
+                for k in range(cfg.meta.inner_steps):
+                    losses = learner.joint_step([task_loss(e, e.support[k], k) for e in episodes],
+                                                cfg.meta.tasks_per_meta_step, reduce_sum)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(outer_params, cfg.meta.max_grad_norm or math.inf)
+                    outer_optimizer.step()
+                    lr_scheduler.step()
+                    outer_optimizer.zero_grad(set_to_none=True)
+                    for e, loss in zip(episodes, losses):
+                        logs[f"loss/{e.task}"] = loss
+            else:
+                learner.begin()
+                for e in episodes:
+                    inner = learner.adapt(task_loss(e, None, 0), cfg.meta.inner_steps)
+                    query = learner.accumulate(task_loss(e, e.query, -1) if cfg.meta.algorithm == "fomaml" else None)
+                    logs[f"inner_loss/{e.task}"] = sum(inner) / len(inner)
+                    if query is not None:
+                        logs[f"query_loss/{e.task}"] = query
+        except NonFiniteLossError as err:
+            learner.snapshot.restore()
+            failure = err
+        # Every process learns of a failure anywhere before the collective below (no deadlock).
+        failed = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
+        if (reduce_sum(failed) if reduce_sum else failed).item() > 0:
+            raise failure or NonFiniteLossError("a non-finite loss on another process stopped the run")
+        if not joint:
+            learner.finish(cfg.meta.tasks_per_meta_step, reduce_sum)
+            grad_norm = torch.nn.utils.clip_grad_norm_(outer_params, cfg.meta.max_grad_norm or math.inf)
+            outer_optimizer.step()
+            lr_scheduler.step()
+            outer_optimizer.zero_grad(set_to_none=True)
+        progress.meta_step += 1
+        bar.update(1)
+        logs.update({"meta_grad_norm": float(grad_norm), "lr/outer": lr_scheduler.get_last_lr()[0],
+                     "steps_per_second": (progress.meta_step - first_step) / (time.time() - start)})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if "loss" in k})
+        accelerator.log(logs, step=progress.meta_step)
+
+        if progress.meta_step % cfg.checkpointing_steps == 0 or progress.meta_step == cfg.meta.max_meta_steps:
+            save_training_state(accelerator, output_dir, progress.meta_step, cfg.checkpoints_total_limit)
+        if cfg.validation_steps and progress.meta_step % cfg.validation_steps == 0:
+            log_validation(cfg, base, controlnet, accelerator, progress.meta_step, data)
+    bar.close()
+
+    final = save_final_controlnet(cfg, controlnet, accelerator, progress.meta_step)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"meta_train: {cfg.meta.algorithm} over {', '.join(cfg.data.tasks)} for {progress.meta_step} meta-steps "
+              f"in {(time.time() - start) / 60:.1f} min; ControlNet: {final} (load with "
+              f"ControlNetModel.from_pretrained); state: {output_dir}/checkpoint-*; logs: {output_dir / cfg.logging_dir}")
+    return final
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as err:
+        raise SystemExit(f"meta_train: configuration error: {err}") from None

@@ -1,0 +1,119 @@
+"""Configuration of meta-training (``meta_train.py``), as typed dataclasses loaded from YAML.
+
+Key names follow diffusers' training scripts where one exists (``pretrained_model_name_or_path``,
+``output_dir``, ``mixed_precision``, ``checkpointing_steps``, ``checkpoints_total_limit``,
+``resume_from_checkpoint``, ``validation_steps``, ``report_to``...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from metacontrol.configuration import check
+from metacontrol.data.world import WorldConfig
+from metacontrol.meta.freezing import PRESETS
+
+FreezeSpec = Union[str, list[str]]
+
+
+@dataclass
+class DataConfig:
+    """Where task data comes from: the synthetic world, an image folder, or a saved HF dataset."""
+
+    source: Literal["synthetic", "imagefolder", "hf"] = "synthetic"
+    tasks: list[str] = field(default_factory=lambda: ["canny", "hed", "depth", "pose"])
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pool_size: int = 512  # synthetic scenes per task pool, rendered once at start-up
+    # imagefolder: one folder per task, ``{train_data_dir}/{task}`` or a shared folder annotated per task.
+    train_data_dir: str | None = None
+    annotators: str | None = None  # local folder (copy of lllyasviel/Annotators) or Hub id
+    on_bad_sample: Literal["error", "skip"] = "error"
+    image_column: str = "image"
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str = "text"
+
+    def __post_init__(self) -> None:
+        check(len(self.tasks) >= 1, "data.tasks", self.tasks, "at least one condition name")
+        check(len(set(self.tasks)) == len(self.tasks), "data.tasks", self.tasks, "no repeated task")
+        check(self.pool_size >= 8, "data.pool_size", self.pool_size, "at least 8")
+        check(self.source == "synthetic" or self.train_data_dir is not None, "data.train_data_dir",
+              self.train_data_dir, f"a path when data.source is {self.source!r}")
+
+
+@dataclass
+class MetaConfig:
+    """The outer and inner loops. ``joint`` is the multi-task baseline on the same data budget."""
+
+    algorithm: Literal["reptile", "fomaml", "joint"] = "reptile"
+    max_meta_steps: int = 60
+    tasks_per_meta_step: int = 2
+    inner_steps: int = 4
+    inner_optimizer: Literal["sgd", "adam"] = "adam"
+    inner_learning_rate: float = 5e-4
+    support_batch_size: int = 8
+    query_batch_size: int = 8
+    outer_optimizer: Literal["sgd", "adamw"] = "sgd"
+    outer_learning_rate: float = 1.0
+    outer_weight_decay: float = 0.0
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for key in ("max_meta_steps", "tasks_per_meta_step", "inner_steps", "support_batch_size", "query_batch_size"):
+            check(getattr(self, key) >= 1, f"meta.{key}", getattr(self, key), "a positive integer")
+        check(self.inner_learning_rate > 0, "meta.inner_learning_rate", self.inner_learning_rate, "> 0")
+        check(self.outer_learning_rate > 0, "meta.outer_learning_rate", self.outer_learning_rate, "> 0")
+        check(self.max_grad_norm >= 0, "meta.max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+
+
+@dataclass
+class FreezeConfig:
+    """Frozen ControlNet blocks per phase: a preset (none | paper | zero_convs_only) or glob patterns."""
+
+    inner: FreezeSpec = "none"
+    outer: FreezeSpec = "none"
+    finetune: FreezeSpec = "none"
+
+    def __post_init__(self) -> None:
+        for phase in ("inner", "outer", "finetune"):
+            spec = getattr(self, phase)
+            check(not isinstance(spec, str) or spec in PRESETS, f"freeze.{phase}", spec,
+                  f"one of {', '.join(PRESETS)} or a list of glob patterns")
+
+
+@dataclass
+class MetaTrainConfig:
+    pretrained_model_name_or_path: str = "checkpoints/tiny-sd"
+    revision: str | None = None
+    controlnet_model_name_or_path: str | None = None  # start from this ControlNet instead of from_unet
+    output_dir: str = "checkpoints/meta-controlnet-tiny"
+    seed: int = 0
+    resolution: int = 64
+    data: DataConfig = field(default_factory=DataConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: whatever accelerate launch says
+    gradient_checkpointing: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    cache: Literal["latents", "none"] = "latents"
+    checkpointing_steps: int = 20
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    validation_steps: int = 20
+    num_validation_images: int = 2
+    validation_inference_steps: int = 20
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    logging_dir: str = "logs"
+    num_threads: int | None = None  # torch CPU threads per process (None: torch's default)
+
+    def __post_init__(self) -> None:
+        check(self.resolution >= 8, "resolution", self.resolution, "an integer >= 8")
+        check(self.checkpointing_steps >= 1, "checkpointing_steps", self.checkpointing_steps, "a positive integer")
+        check(self.validation_steps >= 0, "validation_steps", self.validation_steps, ">= 0 (0 disables)")
+        check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit",
+              self.checkpoints_total_limit, "null or a positive integer")
+        if self.data.source == "synthetic":
+            check(self.data.world.resolution == self.resolution, "data.world.resolution",
+                  self.data.world.resolution, f"equal to resolution ({self.resolution})")

@@ -1,0 +1,111 @@
+"""Task data for training loops: ``data[task].batch(indices)`` gives one collated batch.
+
+The synthetic world is rendered once into an in-memory pool per split (each scene once, every task's
+condition from it); image folders and HF datasets are read lazily, item by item, through their
+``Dataset`` (annotations are cached on disk there). Both can carry precomputed latents and text
+embeddings (see ``metacontrol.cache``), which the training objective then uses instead of the VAE
+and text encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from metacontrol.conditions import get_condition
+from metacontrol.data.datasets import SPLIT_SEED_OFFSETS
+from metacontrol.data.world import Scene, SceneWorld, WorldConfig
+
+CACHED_KEYS = ("latent_mean", "latent_std", "text_embeds")
+
+
+class TaskData:
+    """A task's samples. Subclasses provide ``__len__`` and ``item_tensors``; caches attach tensors."""
+
+    def __init__(self) -> None:
+        self.cached: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def item_tensors(self, indices: Sequence[int]) -> dict:
+        raise NotImplementedError
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        batch = self.item_tensors(indices)
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        for key, value in self.cached.items():
+            batch[key] = value[index]
+        return batch
+
+
+class TensorPool(TaskData):
+    """Samples held as uint8 tensors (N, 3, H, W): images, condition maps, and their captions."""
+
+    def __init__(self, images: torch.Tensor, conditions: torch.Tensor, captions: list[str],
+                 scenes: list[Scene] | None = None) -> None:
+        super().__init__()
+        if not (images.shape == conditions.shape and images.shape[0] == len(captions)):
+            raise ValueError(f"pool parts disagree: images {tuple(images.shape)}, conditions "
+                             f"{tuple(conditions.shape)}, {len(captions)} captions")
+        self.images, self.conditions, self.captions, self.scenes = images, conditions, captions, scenes
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def item_tensors(self, indices: Sequence[int]) -> dict:
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return {
+            "pixel_values": self.images[index].float() / 127.5 - 1.0,
+            "conditioning_pixel_values": self.conditions[index].float() / 255.0,
+            "caption": [self.captions[i] for i in indices],
+        }
+
+
+class DatasetTaskData(TaskData):
+    """A ``Dataset`` whose items are dicts of ``pixel_values`` / ``conditioning_pixel_values`` / ``caption``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__()
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def item_tensors(self, indices: Sequence[int]) -> dict:
+        items = [self.dataset[i] for i in indices]
+        return {
+            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+            "conditioning_pixel_values": torch.stack([it["conditioning_pixel_values"] for it in items]),
+            "caption": [it["caption"] for it in items],
+        }
+
+
+def _chw(array: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def synthetic_pools(world: WorldConfig, tasks: Sequence[str], size: int, split: str = "train",
+                    show_progress: bool = True, keep_scenes: bool = False) -> dict[str, TensorPool]:
+    """Render ``size`` scenes of ``split`` once and every task's condition map from each.
+
+    ``keep_scenes`` keeps the ground truth too, for evaluation against it.
+    """
+    generator = SceneWorld(world)
+    conditions = {task: get_condition(task) for task in tasks}
+    offset = SPLIT_SEED_OFFSETS[split]
+    images, maps, captions, scenes = [], {t: [] for t in tasks}, [], []
+    for i in tqdm(range(size), desc=f"render {split} pool", disable=not show_progress):
+        scene = generator.sample(offset + i)
+        images.append(_chw(scene.image))
+        captions.append(scene.caption)
+        if keep_scenes:
+            scenes.append(scene)
+        for task, condition in conditions.items():
+            maps[task].append(_chw(condition.render(scene)))
+    image_tensor = torch.stack(images)
+    return {task: TensorPool(image_tensor, torch.stack(maps[task]), captions, scenes or None) for task in tasks}

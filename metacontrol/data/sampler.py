@@ -1,0 +1,85 @@
+"""Episodes for meta-training: which task each process adapts on, with which support and query samples.
+
+Everything is a pure function of ``(seed, meta_step, slot)``. That makes the sampler's "position"
+just the meta-step (resume needs nothing else), and lets N processes split one meta-step's task
+slots between them and see exactly the episodes a single process would see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from metacontrol.configuration import ConfigError
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One task of one meta-step: ``support[k]`` are the sample indices of inner step k."""
+
+    meta_step: int
+    slot: int
+    task: str
+    support: tuple[tuple[int, ...], ...]
+    query: tuple[int, ...]
+    run_seed: int = 0
+
+    def seed(self, phase: int) -> int:
+        """A seed for the noise/timestep RNG of inner step ``phase`` (-1: the query batch)."""
+        return int(np.random.SeedSequence([self.run_seed, self.meta_step, self.slot, phase + 1]).generate_state(1)[0])
+
+
+class TaskSampler:
+    """Draws ``tasks_per_step`` tasks per meta-step and the batches of each, deterministically."""
+
+    def __init__(self, tasks: list[str], pool_sizes: dict[str, int], tasks_per_step: int, inner_steps: int,
+                 support_batch_size: int, query_batch_size: int, seed: int = 0, process_index: int = 0,
+                 num_processes: int = 1) -> None:
+        if tasks_per_step % num_processes:
+            raise ConfigError(f"meta.tasks_per_meta_step ({tasks_per_step}) must be a multiple of the number of "
+                              f"processes ({num_processes}) so every process adapts on the same number of tasks")
+        missing = [t for t in tasks if t not in pool_sizes]
+        if missing:
+            raise ConfigError(f"no data for task(s) {', '.join(missing)}")
+        small = [f"{t} ({n})" for t, n in pool_sizes.items() if n < max(support_batch_size, query_batch_size)]
+        if small:
+            raise ConfigError(f"too few samples for a batch in task(s) {', '.join(small)}; need at least "
+                              f"{max(support_batch_size, query_batch_size)}")
+        self.tasks = list(tasks)
+        self.pool_sizes = dict(pool_sizes)
+        self.tasks_per_step = tasks_per_step
+        self.inner_steps = inner_steps
+        self.support_batch_size = support_batch_size
+        self.query_batch_size = query_batch_size
+        self.seed = seed
+        self.process_index = process_index
+        self.num_processes = num_processes
+
+    def tasks_for_step(self, meta_step: int) -> list[str]:
+        """All processes' tasks of a meta-step: a shuffled round over the task list, repeated as needed."""
+        rng = np.random.default_rng([self.seed, meta_step])
+        rounds = -(-self.tasks_per_step // len(self.tasks))
+        order = [t for _ in range(rounds) for t in rng.permutation(self.tasks)]
+        return [str(t) for t in order[: self.tasks_per_step]]
+
+    def episode(self, meta_step: int, slot: int, task: str) -> Episode:
+        rng = np.random.default_rng([self.seed, meta_step, slot, 1])
+        size = self.pool_sizes[task]
+        support = tuple(tuple(int(i) for i in rng.choice(size, self.support_batch_size, replace=False))
+                        for _ in range(self.inner_steps))  # fmt: skip
+        used = {i for batch in support for i in batch}
+        rest = [i for i in range(size) if i not in used]
+        pool = rest if len(rest) >= self.query_batch_size else list(range(size))  # query disjoint when possible
+        query = tuple(int(i) for i in rng.choice(pool, self.query_batch_size, replace=False))
+        return Episode(meta_step, slot, task, support, query, self.seed)
+
+    def episodes(self, meta_step: int) -> list[Episode]:
+        """This process's episodes: slots ``process_index, process_index + P, ...``."""
+        tasks = self.tasks_for_step(meta_step)
+        return [self.episode(meta_step, slot, tasks[slot])
+                for slot in range(self.process_index, self.tasks_per_step, self.num_processes)]
+
+    @property
+    def local_tasks_per_step(self) -> int:
+        return self.tasks_per_step // self.num_processes

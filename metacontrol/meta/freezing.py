@@ -1,0 +1,89 @@
+"""Which ControlNet parameters train in which phase (inner loop, outer update, fine-tuning).
+
+A phase's setting is a preset name or a list of glob patterns over parameter / module names
+(``mid_block.*``, ``down_blocks.3.*``, ``controlnet_cond_embedding.*``); matching parameters are
+*frozen*. A pattern that matches nothing is an error: a silent typo would train what was meant to
+be frozen.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import OrderedDict
+
+import torch
+
+from metacontrol.configuration import ConfigError
+
+PRESETS = ("none", "paper", "zero_convs_only")
+ZERO_CONV_PATTERNS = ("controlnet_down_blocks.*", "controlnet_mid_block.*")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+
+
+def preset_patterns(preset: str, model: torch.nn.Module) -> list[str]:
+    """Frozen-name patterns of a preset for this ControlNet's depth.
+
+    ``paper``: Meta ControlNet freezes encoder block 4 and the middle block of SD 1.x; in diffusers
+    names that is the *last* ``down_blocks`` entry (``down_blocks.3`` for SD 1.x) and ``mid_block``.
+    ``zero_convs_only``: everything but the zero convolutions is frozen.
+    """
+    if preset == "none":
+        return []
+    if preset == "paper":
+        return [f"down_blocks.{len(model.down_blocks) - 1}.*", "mid_block.*"]
+    if preset == "zero_convs_only":
+        names = [n for n, _ in model.named_parameters()]
+        return sorted({n for n in names if not any(_matches(n, p) for p in ZERO_CONV_PATTERNS)})
+    raise ConfigError(f"unknown freeze preset {preset!r}; expected one of {', '.join(PRESETS)} or a list of patterns")
+
+
+def frozen_names(model: torch.nn.Module, spec: str | list[str], phase: str = "freeze") -> set[str]:
+    """Resolve a preset or a pattern list to the set of frozen parameter names."""
+    patterns = preset_patterns(spec, model) if isinstance(spec, str) else list(spec)
+    names = [n for n, _ in model.named_parameters()]
+    frozen: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n in names if _matches(n, pattern)}
+        if not hits:
+            blocks = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(f"{phase}: pattern {pattern!r} matches no ControlNet parameter; top-level blocks are "
+                              f"{', '.join(blocks)}")
+        frozen |= hits
+    return frozen
+
+
+def trainable_parameters(model: torch.nn.Module, spec: str | list[str], phase: str) -> list[torch.nn.Parameter]:
+    """Parameters that train in ``phase``, in ``named_parameters`` order (stable across processes)."""
+    frozen = frozen_names(model, spec, phase)
+    return [p for n, p in model.named_parameters() if n not in frozen]
+
+
+def set_requires_grad(model: torch.nn.Module, trainable: list[torch.nn.Parameter]) -> None:
+    """Only ``trainable`` keep ``requires_grad``: frozen weights then get no gradient and no optimiser slot."""
+    keep = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+
+
+def freeze_table(model: torch.nn.Module, phases: dict[str, str | list[str]]) -> str:
+    """A start-up table: trainable / total parameters per top-level block, for each phase."""
+    frozen = {phase: frozen_names(model, spec, phase) for phase, spec in phases.items()}
+    rows: OrderedDict[str, dict[str, int]] = OrderedDict()
+    for name, p in model.named_parameters():
+        row = rows.setdefault(name.split(".")[0], {"total": 0, **{ph: 0 for ph in phases}})
+        row["total"] += p.numel()
+        for phase in phases:
+            if name not in frozen[phase]:
+                row[phase] += p.numel()
+    header = f"{'block':<28}{'params':>12}" + "".join(f"{ph + ' train':>16}" for ph in phases)
+    lines = [header, "-" * len(header)]
+    totals = {"total": 0, **{ph: 0 for ph in phases}}
+    for block, row in rows.items():
+        lines.append(f"{block:<28}{row['total']:>12,}" + "".join(f"{row[ph]:>16,}" for ph in phases))
+        for key in totals:
+            totals[key] += row[key]
+    lines.append(f"{'all':<28}{totals['total']:>12,}" + "".join(f"{totals[ph]:>16,}" for ph in phases))
+    return "\n".join(lines)
