@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> Path:
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> Path:
     sampler = TaskSampler(cfg.data.tasks, {t: len(d) for t, d in data.items()}, cfg.meta.tasks_per_meta_step,
                           cfg.meta.inner_steps, cfg.meta.support_batch_size, cfg.meta.query_batch_size, cfg.seed,
                           accelerator.process_index, accelerator.num_processes)
-    objective = ControlNetObjective(base, controlnet, weight_dtype, accelerator.autocast())
+    objective = ControlNetObjective(base, controlnet, weight_dtype, accelerator.autocast)
     grad_scaler = torch.amp.GradScaler(accelerator.device.type) if accelerator.mixed_precision == "fp16" else None
     learner = MetaLearner(inner_params, outer_params, cfg.meta.algorithm, cfg.meta.inner_optimizer,
                           cfg.meta.inner_learning_rate, cfg.meta.max_grad_norm, grad_scaler)

@@ -8,13 +8,13 @@ Key names follow diffusers' training scripts where one exists (``pretrained_mode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Union
+from typing import Literal
 
 from metacontrol.configuration import check
 from metacontrol.data.world import WorldConfig
 from metacontrol.meta.freezing import PRESETS
 
-FreezeSpec = Union[str, list[str]]
+FreezeSpec = str | list[str]
 
 
 @dataclass

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from metacontrol.checkpointing import atomic_files
@@ -65,9 +64,12 @@ def model_card(title: str, fields: dict[str, object], body: str = "") -> str:
 
 
 def save_controlnet(controlnet: ControlNetModel, output_dir: str | Path, card: str) -> Path:
-    """Write ``config.json``, ``diffusion_pytorch_model.safetensors`` and ``README.md``, each atomically."""
+    """Write ``config.json``, ``diffusion_pytorch_model.safetensors`` and ``README.md``, each atomically.
+
+    Training keeps ControlNet weights in fp32 (mixed precision only casts activations), so this is fp32.
+    """
     output_dir = Path(output_dir)
     with atomic_files(output_dir) as tmp:
-        controlnet.to(torch.float32).save_pretrained(tmp, safe_serialization=True)
+        controlnet.save_pretrained(tmp, safe_serialization=True)
         (tmp / "README.md").write_text(card)
     return output_dir

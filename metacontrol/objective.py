@@ -7,6 +7,7 @@ the multi-process == single-process guarantee.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -17,10 +18,13 @@ from metacontrol.models.base import BaseModel
 
 
 class ControlNetObjective:
-    """Epsilon (or v) prediction loss of the frozen UNet steered by the ControlNet being trained."""
+    """Epsilon (or v) prediction loss of the frozen UNet steered by the ControlNet being trained.
+
+    ``autocast`` is a factory of autocast contexts (``accelerator.autocast``), entered per forward pass.
+    """
 
     def __init__(self, base: BaseModel, controlnet: ControlNetModel, weight_dtype: torch.dtype = torch.float32,
-                 autocast: AbstractContextManager | None = None) -> None:
+                 autocast: Callable[[], AbstractContextManager] | None = None) -> None:
         self.base = base
         self.controlnet = controlnet
         self.weight_dtype = weight_dtype
@@ -30,7 +34,7 @@ class ControlNetObjective:
         self.prediction_type = base.noise_scheduler.config.prediction_type
 
     def _context(self) -> AbstractContextManager:
-        return self.autocast if self.autocast is not None else nullcontext()
+        return self.autocast() if self.autocast is not None else nullcontext()
 
     @torch.no_grad()
     def latents_and_text(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

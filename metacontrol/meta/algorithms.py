@@ -138,8 +138,12 @@ class MetaLearner:
         """Add this task's contribution to the meta-gradient, then restore theta."""
         value = None
         if self.algorithm == "reptile":
-            torch._foreach_add_(self.meta_grad, [t.float() for t in self.outer_theta])
-            torch._foreach_sub_(self.meta_grad, [p.detach().float() for p in self.outer_params])
+            # phi - theta is formed in the live weights (restored right after), so no temporary copy is
+            # needed and the delta is rounded once: per-process sums then equal one process's sum.
+            live = [p.data for p in self.outer_params]
+            with torch.no_grad():
+                torch._foreach_sub_(live, self.outer_theta)
+                torch._foreach_sub_(self.meta_grad, live)
         elif self.algorithm == "fomaml":
             if query_loss is None:
                 raise ValueError("fomaml needs a query loss")

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random Stable-Diffusion folders built with the real diffusers classes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A few thousand parameters per part: enough to exercise every code path in well under a second a step.
+TINY_TEST_MODEL = dict(vae_channels=[8, 16, 16], unet_channels=[16, 32], unet_norm_groups=8, vae_norm_groups=8,
+                       text_hidden=16, text_heads=2, resolution=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory) -> Path:
+    """A randomly initialised SD-shaped pipeline folder (x4 VAE, 32 px), saved with save_pretrained."""
+    import torch
+
+    from metacontrol.data.world import vocabulary
+    from metacontrol.models.tiny import TinySDConfig, tiny_pipeline
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-sd")
+    tiny_pipeline(TinySDConfig(**TINY_TEST_MODEL), vocabulary()).save_pretrained(path)
+    return path
+
+
+def meta_train_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
+    """Overrides for a seconds-long meta-training run on the tiny random model."""
+    return [
+        f"pretrained_model_name_or_path={tiny_sd_dir}", f"output_dir={output_dir}", "resolution=32",
+        "data.world.resolution=32", "data.pool_size=8", "meta.max_meta_steps=4", "meta.tasks_per_meta_step=2",
+        "meta.inner_steps=2", "meta.support_batch_size=2", "meta.query_batch_size=2", "validation_steps=0",
+        "checkpointing_steps=2", "report_to=none", "num_threads=1", *overrides,
+    ]  # fmt: skip
+
+
+def run_script(args: list[str], env: dict[str, str] | None = None, timeout: int = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command from the repo root in a real subprocess, returning its output."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+PYTHON = sys.executable

@@ -1,0 +1,132 @@
+"""The meta-updates against hand computations on a model small enough to follow by hand."""
+
+from __future__ import annotations
+
+import torch
+
+from metacontrol.meta.algorithms import MetaLearner, ParameterSnapshot
+
+
+def _quadratic(params, target: torch.Tensor) -> torch.Tensor:
+    """L(w, b) = sum((w - target)^2) + b^2: gradient 2 (w - target), 2 b."""
+    w, b = params
+    return ((w - target) ** 2).sum() + (b**2).sum()
+
+
+def _model() -> list[torch.nn.Parameter]:
+    return [torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5])), torch.nn.Parameter(torch.tensor([0.25]))]
+
+
+TARGETS = [torch.tensor([3.0, 0.0, -1.0]), torch.tensor([-1.0, 1.0, 2.0])]
+QUERY_TARGETS = [torch.tensor([2.0, 2.0, 2.0]), torch.tensor([0.0, -3.0, 1.0])]
+LR, STEPS = 0.1, 2
+
+
+def _sgd_by_hand(theta: list[torch.Tensor], target: torch.Tensor) -> list[torch.Tensor]:
+    w, b = theta[0].clone(), theta[1].clone()
+    for _ in range(STEPS):
+        w, b = w - LR * 2 * (w - target), b - LR * 2 * b
+    return [w, b]
+
+
+def _run(algorithm: str) -> tuple[list[torch.nn.Parameter], MetaLearner]:
+    params = _model()
+    learner = MetaLearner(params, params, algorithm, "sgd", LR, max_grad_norm=None)
+    learner.begin()
+    for target, query_target in zip(TARGETS, QUERY_TARGETS):
+        learner.adapt(lambda k, t=target: _quadratic(params, t), STEPS)
+        learner.accumulate(lambda q=query_target: _quadratic(params, q))
+    learner.finish(total_tasks=len(TARGETS))
+    return params, learner
+
+
+def test_reptile_meta_gradient_is_mean_of_theta_minus_phi():
+    theta = [p.detach().clone() for p in _model()]
+    params, _ = _run("reptile")
+    phis = [_sgd_by_hand(theta, t) for t in TARGETS]
+    expected = [sum(theta[i] - phi[i] for phi in phis) / len(phis) for i in range(2)]
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-6)
+    # Before the outer step the live weights are theta again, not the last task's phi.
+    for p, t in zip(params, theta):
+        assert torch.equal(p.detach(), t)
+
+
+def test_reptile_outer_step_moves_theta_towards_mean_phi():
+    theta = [p.detach().clone() for p in _model()]
+    params, _ = _run("reptile")
+    torch.optim.SGD(params, lr=1.0).step()  # meta step size 1: theta <- mean(phi)
+    phis = [_sgd_by_hand(theta, t) for t in TARGETS]
+    for i, p in enumerate(params):
+        torch.testing.assert_close(p.detach(), sum(phi[i] for phi in phis) / 2, rtol=0, atol=1e-6)
+
+
+def test_fomaml_meta_gradient_is_mean_query_gradient_at_phi():
+    theta = [p.detach().clone() for p in _model()]
+    params, _ = _run("fomaml")
+    expected_w, expected_b = torch.zeros(3), torch.zeros(1)
+    for target, query in zip(TARGETS, QUERY_TARGETS):
+        w, b = _sgd_by_hand(theta, target)
+        expected_w += 2 * (w - query) / 2
+        expected_b += 2 * b / 2
+    torch.testing.assert_close(params[0].grad, expected_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(params[1].grad, expected_b, rtol=0, atol=1e-6)
+    for p, t in zip(params, theta):
+        assert torch.equal(p.detach(), t)
+
+
+def test_inner_adam_state_is_fresh_per_task():
+    """Two identical tasks must give identical phi: no optimiser state leaks from task 1 into task 2."""
+    params = _model()
+    learner = MetaLearner(params, params, "reptile", "adam", 0.05, max_grad_norm=None)
+    learner.begin()
+    phis = []
+    for _ in range(2):
+        learner.adapt(lambda k: _quadratic(params, TARGETS[0]), 3)
+        phis.append([p.detach().clone() for p in params])
+        learner.accumulate()
+    for a, b in zip(*phis):
+        assert torch.equal(a, b)
+
+
+def test_joint_step_is_gradient_of_mean_loss():
+    params = _model()
+    learner = MetaLearner(params, params, "joint", "sgd", LR, max_grad_norm=None)
+    learner.joint_step([lambda t=t: _quadratic(params, t) for t in TARGETS], total_tasks=2)
+    w = params[0].detach()
+    expected = sum(2 * (w - t) for t in TARGETS) / 2
+    torch.testing.assert_close(params[0].grad, expected, rtol=0, atol=1e-6)
+
+
+def test_outer_only_parameters_get_zero_reptile_update_and_frozen_inner_stay_put():
+    """A parameter frozen in the inner loop does not move during adaptation; Reptile's delta for it is 0."""
+    params = _model()
+    learner = MetaLearner([params[0]], params, "reptile", "sgd", LR, max_grad_norm=None)
+    b_before = params[1].detach().clone()
+    learner.begin()
+    learner.adapt(lambda k: _quadratic(params, TARGETS[0]), STEPS)
+    assert torch.equal(params[1].detach(), b_before)
+    assert not torch.equal(params[0].detach(), _model()[0].detach())
+    learner.accumulate()
+    learner.finish(1)
+    assert torch.equal(params[1].grad, torch.zeros(1))
+    assert params[0].grad.abs().sum() > 0
+
+
+def test_snapshot_restore_is_bit_exact_and_uses_preallocated_buffers():
+    params = _model()
+    snap = ParameterSnapshot(params)
+    buffers = [b.data_ptr() for b in snap.buffers]
+    with torch.no_grad():
+        params[0].add_(1.2345)
+    snap.restore()
+    assert torch.equal(params[0].detach(), torch.tensor([1.0, -2.0, 0.5]))
+    snap.take()
+    assert [b.data_ptr() for b in snap.buffers] == buffers
+
+
+def test_meta_gradient_is_one_flat_buffer():
+    params, learner = _run("reptile")
+    flat = learner.meta_grad_flat
+    assert flat.numel() == sum(p.numel() for p in params)
+    assert all(g.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for g in learner.meta_grad)

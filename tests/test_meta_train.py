@@ -1,0 +1,129 @@
+"""meta_train.py end to end on a tiny random model: real subprocesses, real files, real pipelines."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import PYTHON, REPO, meta_train_args, run_script
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / WEIGHTS))
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=f"{key} differs")
+
+
+def _initial_controlnet(tiny_sd_dir: Path):
+    from diffusers import UNet2DConditionModel
+
+    from metacontrol.controlnet import create_controlnet
+
+    return create_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"), 4)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_sd_dir, tmp_path_factory) -> Path:
+    """An uninterrupted single-process Reptile run of 6 meta-steps."""
+    out = tmp_path_factory.mktemp("reference")
+    run_script([PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6")])
+    return out
+
+
+def test_run_writes_a_diffusers_controlnet_that_runs_in_the_pipeline(reference_run, tiny_sd_dir):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    for name in ("config.json", WEIGHTS, "README.md", "meta_train_config.yaml"):
+        assert (reference_run / name).is_file(), name
+    assert sorted(p.name for p in reference_run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]  # limit 2
+    assert "reptile" in (reference_run / "README.md").read_text()
+    controlnet = ControlNetModel.from_pretrained(reference_run)
+    trained, initial = controlnet.state_dict(), _initial_controlnet(tiny_sd_dir).state_dict()
+    moved = [k for k in trained if not torch.equal(trained[k], initial[k])]
+    assert any(k.startswith("controlnet_down_blocks") for k in moved)  # zero convolutions learned something
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_sd_dir, controlnet=controlnet, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red ball in front of a blue wall on a gray floor", image=torch.rand(1, 3, 32, 32),
+                 num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert image.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(image)).all()
+
+
+def test_two_processes_equal_one_process(reference_run, tiny_sd_dir, tmp_path):
+    """gloo on CPU: each process adapts on its own task, the meta-gradient is averaged by one all-reduce.
+
+    With 2 tasks per meta-step the sum is a + b in both runs, so the result is bit-identical.
+    """
+    out = tmp_path / "two"
+    run_script([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6")],
+               env={"ACCELERATE_USE_CPU": "1"})
+    _assert_same_weights(out, reference_run)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(reference_run, tiny_sd_dir, tmp_path):
+    out = tmp_path / "killed"
+    args = [PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6",
+                                                      "checkpointing_steps=1")]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / WEIGHTS).exists(), "the run finished before it could be killed"
+    run_script([*args, "resume_from_checkpoint=latest"])
+    _assert_same_weights(out, reference_run)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd_dir, tmp_path):
+    out = tmp_path / "nan"
+    run_script([PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=2")])
+    digest = hashlib.sha256((out / "checkpoint-2" / "custom_checkpoint_0.pkl").read_bytes()).hexdigest()
+    result = run_script([PYTHON, "meta_train.py", *meta_train_args(
+        tiny_sd_dir, out, "meta.max_meta_steps=4", "resume_from_checkpoint=latest", "meta.inner_optimizer=sgd", "meta.inner_learning_rate=1e30",
+        "meta.max_grad_norm=0")], check=False)  # fmt: skip
+    assert result.returncode != 0
+    assert "NonFiniteLossError" in result.stderr and "meta-step 2" in result.stderr and "task" in result.stderr
+    assert hashlib.sha256((out / "checkpoint-2" / "custom_checkpoint_0.pkl").read_bytes()).hexdigest() == digest
+    assert not (out / "checkpoint-3").exists() and not (out / "checkpoint-4").exists()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["meta.algorithm=fomaml", "meta.outer_optimizer=adamw", "meta.outer_learning_rate=1e-3"],
+    ["meta.algorithm=joint", "meta.outer_optimizer=adamw", "meta.outer_learning_rate=1e-3"],
+    ["mixed_precision=bf16"],
+], ids=["fomaml", "joint", "bf16"])  # fmt: skip
+def test_algorithms_and_bf16_train(tiny_sd_dir, tmp_path, overrides):
+    out = tmp_path / "run"
+    run_script([PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=2", *overrides)])
+    trained, initial = _weights(out), _initial_controlnet(tiny_sd_dir).state_dict()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained)
+
+
+def test_paper_freeze_leaves_last_encoder_block_and_middle_untouched(tiny_sd_dir, tmp_path):
+    out = tmp_path / "frozen"
+    result = run_script([PYTHON, "meta_train.py", *meta_train_args(
+        tiny_sd_dir, out, "meta.max_meta_steps=2", "freeze.inner=paper", "freeze.outer=paper")])  # fmt: skip
+    assert "inner train" in result.stderr and "mid_block" in result.stderr  # the start-up table
+    trained, initial = _weights(out), _initial_controlnet(tiny_sd_dir).state_dict()
+    frozen = [k for k in trained if k.startswith(("down_blocks.1.", "mid_block."))]
+    assert frozen
+    assert all(torch.equal(trained[k], initial[k]) for k in frozen)
+    assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.startswith("controlnet_down_blocks"))
