@@ -31,7 +31,8 @@ def encode_samples(data: TaskData, base: BaseModel, batch_size: int = 64, show_p
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def attach_encodings(data: dict[str, TaskData], base: BaseModel, show_progress: bool = True) -> None:
+def attach_encodings(data: dict[str, TaskData], base: BaseModel, cache_dir: str | None = None,
+                     show_progress: bool = True) -> None:
     """Encode each task's samples once; tasks that share their images (synthetic pools) share the work."""
     done: dict[int, dict[str, torch.Tensor]] = {}
     for task, task_data in data.items():

@@ -98,6 +98,7 @@ class MetaTrainConfig:
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
     cache: Literal["latents", "none"] = "latents"
+    cache_dir: str | None = None  # encodings cache; None: .cache/metacontrol (synthetic) or next to the data
     checkpointing_steps: int = 20
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"

@@ -27,24 +27,28 @@ def controlnet_pipeline(base: BaseModel, controlnet: ControlNetModel) -> StableD
 
 @torch.no_grad()
 def generate(pipe, prompts: list[str], conditions: list[np.ndarray] | None, seed: int, steps: int = 20,
-             guidance_scale: float = GUIDANCE_SCALE, conditioning_scale: float = 1.0) -> np.ndarray:
+             guidance_scale: float = GUIDANCE_SCALE, size: tuple[int, int] | None = None,
+             batch_size: int = 8) -> np.ndarray:
     """uint8 images (N, H, W, 3). ``conditions`` are uint8 (H, W, 3) maps; None for a plain pipeline.
 
-    Each image gets its own generator seeded ``seed + i``, so results do not depend on batch size.
+    Image i has its own generator seeded ``seed + i``, so it does not depend on how prompts are batched.
     """
     unet_dtype = pipe.unet.dtype
     mixed = getattr(pipe, "controlnet", None) is not None and pipe.controlnet.dtype != unet_dtype
     autocast = torch.autocast(pipe.device.type, dtype=unet_dtype) if mixed else nullcontext()
+    if conditions is not None:
+        size = conditions[0].shape[:2]
+    height, width = size if size is not None else (None, None)
     images = []
-    for i, prompt in enumerate(prompts):
+    for start in range(0, len(prompts), batch_size):
+        chunk = range(start, min(start + batch_size, len(prompts)))
         kwargs = {}
         if conditions is not None:
-            kwargs = {"image": torch.from_numpy(conditions[i]).permute(2, 0, 1)[None].float() / 255.0,
-                      "controlnet_conditioning_scale": conditioning_scale}
-            h, w = conditions[i].shape[:2]
-            kwargs.update(height=h, width=w)
+            maps = np.stack([conditions[i] for i in chunk])
+            kwargs["image"] = torch.from_numpy(maps).permute(0, 3, 1, 2).float() / 255.0
         with autocast:
-            out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
-                       generator=torch.Generator().manual_seed(seed + i), **kwargs).images[0]
+            out = pipe([prompts[i] for i in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                       height=height, width=width, output_type="np",
+                       generator=[torch.Generator().manual_seed(seed + i) for i in chunk], **kwargs).images
         images.append(np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8))
-    return np.stack(images)
+    return np.concatenate(images)

@@ -96,7 +96,7 @@ def build_task_data(cfg: MetaTrainConfig, base: BaseModel, accelerator: Accelera
                                              d.caption_column)
             data[task] = DatasetTaskData(dataset)
     if cfg.cache == "latents":
-        attach_encodings(data, base, show_progress=accelerator.is_local_main_process)
+        attach_encodings(data, base, cache_dir=cfg.cache_dir, show_progress=accelerator.is_local_main_process)
     return data
 
 

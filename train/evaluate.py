@@ -1,0 +1,134 @@
+"""Evaluate ControlNet checkpoints on held-out conditions: fidelity, image agreement, control score.
+
+    python train/evaluate.py --config configs/evaluate_tiny.yaml [key=value ...]
+    python train/evaluate.py controlnets='[checkpoints/meta-controlnet-tiny, outputs/finetune-normal]'
+
+Writes to ``output_dir``: metrics.json (every setting that fixed the generation, floor, ceiling and
+per-checkpoint metrics), metrics.csv (a row per checkpoint and condition), a PNG grid per checkpoint
+(condition | generated | ground truth) and, for several checkpoints, control_scores.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from metacontrol.conditions import get_condition  # noqa: E402
+from metacontrol.configuration import ConfigError, check, load_config  # noqa: E402
+from metacontrol.controlnet import create_controlnet  # noqa: E402
+from metacontrol.data.world import WorldConfig  # noqa: E402
+from metacontrol.eval.harness import EvalSettings, Evaluator, primary_metric, synthetic_eval_sets  # noqa: E402
+from metacontrol.models.base import load_base_model  # noqa: E402
+from metacontrol.visual import save_grid  # noqa: E402
+
+logger = logging.getLogger("evaluate")
+
+
+@dataclass
+class EvaluateConfig:
+    pretrained_model_name_or_path: str = "checkpoints/tiny-sd"
+    controlnets: list[str] = field(default_factory=lambda: ["checkpoints/meta-controlnet-tiny"])
+    conditions: list[str] = field(default_factory=lambda: ["scribble", "lineart", "normal", "seg"])
+    world: WorldConfig = field(default_factory=WorldConfig)
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    output_dir: str = "outputs/eval"
+    grid_samples: int = 4
+
+    def __post_init__(self) -> None:
+        check(len(self.controlnets) >= 1, "controlnets", self.controlnets, "at least one ControlNet folder")
+        check(self.settings.num_samples >= 1, "settings.num_samples", self.settings.num_samples, ">= 1")
+        for name in self.conditions:
+            get_condition(name)  # unknown names fail here, naming the known ones
+
+
+def plot_control_scores(results: dict[str, dict[str, dict[str, float]]], path: Path) -> Path:
+    """Grouped bars: control score per condition, one bar per checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = list(next(iter(results.values())))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(conditions), 3.2))
+    width = 0.8 / len(results)
+    for i, (label, per_condition) in enumerate(results.items()):
+        xs = np.arange(len(conditions)) + i * width
+        ax.bar(xs, [per_condition[c]["control_score"] for c in conditions], width, label=label)
+    ax.set_xticks(np.arange(len(conditions)) + 0.4 - width / 2, conditions)
+    ax.set_ylabel("control score (0 = no ControlNet, 1 = ground truth)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+
+    base = load_base_model(cfg.pretrained_model_name_or_path).freeze()
+    # Every checkpoint is loaded and checked against the base model before any generation starts.
+    controlnets = {Path(p).name: create_controlnet(base.unet, base.vae_scale_factor, p).eval() for p in cfg.controlnets}
+    if len(controlnets) != len(cfg.controlnets):
+        raise ConfigError(f"controlnets: folder names must be unique (they label the results): {cfg.controlnets}")
+    evaluator = Evaluator(base, synthetic_eval_sets(cfg.conditions, cfg.world, cfg.settings), cfg.settings)
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for label, controlnet in controlnets.items():
+        results[label], rows, row_labels = {}, [], []
+        for condition in cfg.conditions:
+            metrics, images = evaluator.evaluate(controlnet, condition)
+            results[label][condition] = metrics
+            logger.info("%s on %s: control score %.3f (%s %.3f)", label, condition, metrics["control_score"],
+                        primary_metric(condition), metrics[primary_metric(condition)])
+            eval_set = evaluator.eval_sets[condition]
+            for i in range(min(cfg.grid_samples, len(images))):
+                rows.append([eval_set.maps[i], images[i], eval_set.images[i]])
+                row_labels.append(condition)
+        save_grid(out / f"grid_{label}.png", rows, row_labels, ["condition", "generated", "ground truth"])
+
+    report = {
+        "base_model": cfg.pretrained_model_name_or_path,
+        "settings": asdict(cfg.settings),
+        "world": asdict(cfg.world),
+        "primary_metric": {c: primary_metric(c) for c in cfg.conditions},
+        "floor": {c: evaluator.floor(c) for c in cfg.conditions},
+        "ceiling": {c: evaluator.ceiling(c) for c in cfg.conditions},
+        "results": results,
+    }
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    keys = sorted({k for per in results.values() for m in per.values() for k in m})
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint", "condition", *keys])
+        for label, per in results.items():
+            for condition, metrics in per.items():
+                writer.writerow([label, condition, *(f"{metrics.get(k, float('nan')):.4f}" for k in keys)])
+    if len(results) > 1:
+        plot_control_scores(results, out / "control_scores.png")
+    print(f"evaluate: {len(results)} checkpoint(s) x {len(cfg.conditions)} condition(s); results in {out}/metrics.json")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as err:
+        raise SystemExit(f"evaluate: configuration error: {err}") from None
