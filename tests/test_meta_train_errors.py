@@ -1,0 +1,75 @@
+"""Bad configurations fail before training starts, with errors that name what to fix."""
+
+from __future__ import annotations
+
+import pytest
+from accelerate.state import AcceleratorState
+
+import meta_train
+from metacontrol.configuration import ConfigError
+from metacontrol.data.sampler import TaskSampler
+from tests.conftest import meta_train_args
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _run(tiny_sd_dir, tmp_path, *overrides):
+    return meta_train.main(["--config", "configs/meta_tiny.yaml", *meta_train_args(tiny_sd_dir, tmp_path / "o", *overrides)])
+
+
+def test_resolution_not_divisible_by_vae_factor(tiny_sd_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"resolution: 30 is not divisible .* factor 4"):
+        _run(tiny_sd_dir, tmp_path, "resolution=30", "data.world.resolution=30")
+
+
+def test_missing_base_model_folder(tiny_sd_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"base model folder .*nowhere does not exist"):
+        _run(tiny_sd_dir, tmp_path, f"pretrained_model_name_or_path={tmp_path / 'nowhere'}")
+
+
+def test_base_model_folder_without_unet(tiny_sd_dir, tmp_path):
+    partial = tmp_path / "partial"
+    (partial / "vae").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"lacks unet"):
+        _run(tiny_sd_dir, tmp_path, f"pretrained_model_name_or_path={partial}")
+
+
+def test_controlnet_for_another_base_model(tiny_sd_dir, tmp_path):
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
+    other = UNet2DConditionModel.from_config({**unet.config, "cross_attention_dim": 24})
+    ControlNetModel.from_unet(other, conditioning_embedding_out_channels=(16, 32, 96)).save_pretrained(tmp_path / "cn")
+    with pytest.raises(ConfigError, match=r"cross_attention_dim: ControlNet has 24, base UNet has 16"):
+        _run(tiny_sd_dir, tmp_path, f"controlnet_model_name_or_path={tmp_path / 'cn'}")
+
+
+def test_freeze_pattern_matching_nothing(tiny_sd_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"freeze.inner: pattern 'down_blocks.7.\*' matches no ControlNet parameter"):
+        _run(tiny_sd_dir, tmp_path, "freeze.inner=[down_blocks.7.*]")
+
+
+def test_unknown_algorithm_names_key_and_choices(tiny_sd_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"meta.algorithm: 'maml' is not allowed; expected one of 'reptile'"):
+        _run(tiny_sd_dir, tmp_path, "meta.algorithm=maml")
+
+
+def test_tasks_must_split_evenly_over_processes():
+    with pytest.raises(ConfigError, match=r"tasks_per_meta_step \(3\) must be a multiple of the number of processes \(2\)"):
+        TaskSampler(["canny", "hed"], {"canny": 8, "hed": 8}, 3, 1, 2, 2, num_processes=2)
+
+
+def test_sampler_processes_partition_the_single_process_episodes():
+    sizes = {t: 32 for t in ("canny", "hed", "depth", "pose")}
+    one = TaskSampler(list(sizes), sizes, 4, 3, 4, 4, seed=7)
+    two = [TaskSampler(list(sizes), sizes, 4, 3, 4, 4, seed=7, process_index=i, num_processes=2) for i in (0, 1)]
+    for step in range(5):
+        merged = sorted(two[0].episodes(step) + two[1].episodes(step), key=lambda e: e.slot)
+        assert merged == one.episodes(step)
+        assert sorted(one.tasks_for_step(step)) == sorted(sizes)  # a full round of distinct tasks per step
+        for e in one.episodes(step):
+            assert not set(e.query) & {i for b in e.support for i in b}  # query disjoint from support
