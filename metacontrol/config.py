@@ -34,10 +34,10 @@ class DataConfig:
     caption_column: str = "text"
 
     def __post_init__(self) -> None:
-        check(len(self.tasks) >= 1, "data.tasks", self.tasks, "at least one condition name")
-        check(len(set(self.tasks)) == len(self.tasks), "data.tasks", self.tasks, "no repeated task")
-        check(self.pool_size >= 8, "data.pool_size", self.pool_size, "at least 8")
-        check(self.source == "synthetic" or self.train_data_dir is not None, "data.train_data_dir",
+        check(len(self.tasks) >= 1, "tasks", self.tasks, "at least one condition name")
+        check(len(set(self.tasks)) == len(self.tasks), "tasks", self.tasks, "no repeated task")
+        check(self.pool_size >= 8, "pool_size", self.pool_size, "at least 8")
+        check(self.source == "synthetic" or self.train_data_dir is not None, "train_data_dir",
               self.train_data_dir, f"a path when data.source is {self.source!r}")
 
 
@@ -62,10 +62,10 @@ class MetaConfig:
 
     def __post_init__(self) -> None:
         for key in ("max_meta_steps", "tasks_per_meta_step", "inner_steps", "support_batch_size", "query_batch_size"):
-            check(getattr(self, key) >= 1, f"meta.{key}", getattr(self, key), "a positive integer")
-        check(self.inner_learning_rate > 0, "meta.inner_learning_rate", self.inner_learning_rate, "> 0")
-        check(self.outer_learning_rate > 0, "meta.outer_learning_rate", self.outer_learning_rate, "> 0")
-        check(self.max_grad_norm >= 0, "meta.max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+            check(getattr(self, key) >= 1, key, getattr(self, key), "a positive integer")
+        check(self.inner_learning_rate > 0, "inner_learning_rate", self.inner_learning_rate, "> 0")
+        check(self.outer_learning_rate > 0, "outer_learning_rate", self.outer_learning_rate, "> 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -79,7 +79,7 @@ class FreezeConfig:
     def __post_init__(self) -> None:
         for phase in ("inner", "outer", "finetune"):
             spec = getattr(self, phase)
-            check(not isinstance(spec, str) or spec in PRESETS, f"freeze.{phase}", spec,
+            check(not isinstance(spec, str) or spec in PRESETS, phase, spec,
                   f"one of {', '.join(PRESETS)} or a list of glob patterns")
 
 

@@ -116,6 +116,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as err:  # a required field was not given
         raise ConfigError(f"{prefix or cls.__name__}: {err}") from None
+    except ConfigError as err:  # a section validates its own keys; name them by their full path
+        raise ConfigError(f"{prefix}.{err}" if prefix else str(err)) from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -45,10 +45,10 @@ class TinySDConfig:
     vae_initial_logvar: float = -6.0
 
     def __post_init__(self) -> None:
-        check(len(self.vae_channels) >= 2, "model.vae_channels", self.vae_channels, "at least two blocks")
+        check(len(self.vae_channels) >= 2, "vae_channels", self.vae_channels, "at least two blocks")
         factor = 2 ** (len(self.vae_channels) - 1)
-        check(self.resolution % factor == 0, "model.resolution", self.resolution, f"a multiple of {factor}")
-        check(self.text_hidden % self.text_heads == 0, "model.text_hidden", self.text_hidden,
+        check(self.resolution % factor == 0, "resolution", self.resolution, f"a multiple of {factor}")
+        check(self.text_hidden % self.text_heads == 0, "text_hidden", self.text_hidden,
               f"a multiple of text_heads ({self.text_heads})")
 
 
