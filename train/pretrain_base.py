@@ -66,12 +66,12 @@ class PretrainConfig:
     work_dir: str = "outputs/pretrain"
     seed: int = 0
     num_images: int = 16000
-    num_threads: int = 2
+    num_threads: int = 1
     world: WorldConfig = field(default_factory=WorldConfig)
     model: TinySDConfig = field(default_factory=TinySDConfig)
     vae: StageConfig = field(default_factory=lambda: StageConfig(1200, 16, 1e-3, 50, 200))
     kl_weight: float = 1e-6
-    unet: StageConfig = field(default_factory=lambda: StageConfig(3000, 32, 5e-4, 100, 250))
+    unet: StageConfig = field(default_factory=lambda: StageConfig(2400, 32, 5e-4, 100, 250))
     empty_prompt_probability: float = 0.1
     ema_decay: float = 0.999
 
