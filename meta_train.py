@@ -118,13 +118,12 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.init_trackers("metacontrol", config=flat_config(cfg))
 
     # -- the meta-training loop -----------------------------------------------------------------------
-    def task_loss(episode, indices, phase: int):
-        def compute(k: int | None = None) -> torch.Tensor:
-            batch_indices = indices if k is None else episode.support[k]
-            seed = episode.seed(phase if k is None else k)
-            generator = torch.Generator().manual_seed(seed)
-            return checked_loss(objective.loss(data[episode.task].batch(batch_indices), generator),
-                                episode, progress.meta_step, phase if k is None else k, batch_indices)
+    def batch_loss(episode, indices, phase: int):
+        """The loss of one batch of an episode; its noise is seeded by (seed, meta-step, slot, phase)."""
+        def compute() -> torch.Tensor:
+            generator = torch.Generator().manual_seed(episode.seed(phase))
+            loss = objective.loss(data[episode.task].batch(indices), generator)
+            return checked_loss(loss, episode, progress.meta_step, phase, indices)
         return compute
 
     bar = tqdm(total=cfg.meta.max_meta_steps, initial=progress.meta_step, desc=f"meta-train ({cfg.meta.algorithm})",
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> Path:
         try:
             if joint:  # inner_steps plain steps, each on one batch of every task: same data budget
                 for k in range(cfg.meta.inner_steps):
-                    losses = learner.joint_step([task_loss(e, e.support[k], k) for e in episodes],
+                    losses = learner.joint_step([batch_loss(e, e.support[k], k) for e in episodes],
                                                 cfg.meta.tasks_per_meta_step, reduce_sum)
                     grad_norm = torch.nn.utils.clip_grad_norm_(outer_params, cfg.meta.max_grad_norm or math.inf)
                     outer_optimizer.step()
@@ -148,8 +147,8 @@ def main(argv: list[str] | None = None) -> Path:
             else:
                 learner.begin()
                 for e in episodes:
-                    inner = learner.adapt(task_loss(e, None, 0), cfg.meta.inner_steps)
-                    query = learner.accumulate(task_loss(e, e.query, -1) if cfg.meta.algorithm == "fomaml" else None)
+                    inner = learner.adapt([batch_loss(e, batch, k) for k, batch in enumerate(e.support)])
+                    query = learner.accumulate(batch_loss(e, e.query, -1) if cfg.meta.algorithm == "fomaml" else None)
                     logs[f"inner_loss/{e.task}"] = sum(inner) / len(inner)
                     if query is not None:
                         logs[f"query_loss/{e.task}"] = query

@@ -34,7 +34,7 @@ def _run(algorithm: str) -> tuple[list[torch.nn.Parameter], MetaLearner]:
     learner = MetaLearner(params, params, algorithm, "sgd", LR, max_grad_norm=None)
     learner.begin()
     for target, query_target in zip(TARGETS, QUERY_TARGETS):
-        learner.adapt(lambda k, t=target: _quadratic(params, t), STEPS)
+        learner.adapt([lambda t=target: _quadratic(params, t)] * STEPS)
         learner.accumulate(lambda q=query_target: _quadratic(params, q))
     learner.finish(total_tasks=len(TARGETS))
     return params, learner
@@ -82,7 +82,7 @@ def test_inner_adam_state_is_fresh_per_task():
     learner.begin()
     phis = []
     for _ in range(2):
-        learner.adapt(lambda k: _quadratic(params, TARGETS[0]), 3)
+        learner.adapt([lambda: _quadratic(params, TARGETS[0])] * 3)
         phis.append([p.detach().clone() for p in params])
         learner.accumulate()
     for a, b in zip(*phis):
@@ -104,7 +104,7 @@ def test_outer_only_parameters_get_zero_reptile_update_and_frozen_inner_stay_put
     learner = MetaLearner([params[0]], params, "reptile", "sgd", LR, max_grad_norm=None)
     b_before = params[1].detach().clone()
     learner.begin()
-    learner.adapt(lambda k: _quadratic(params, TARGETS[0]), STEPS)
+    learner.adapt([lambda: _quadratic(params, TARGETS[0])] * STEPS)
     assert torch.equal(params[1].detach(), b_before)
     assert not torch.equal(params[0].detach(), _model()[0].detach())
     learner.accumulate()

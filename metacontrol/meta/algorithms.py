@@ -4,7 +4,7 @@ One meta-step, per process:
 
     learner.begin()                         # snapshot theta (trainable params only), zero meta-grad
     for task in my_tasks:
-        learner.adapt(support_loss, steps)  # inner optimiser (fresh state) takes theta to phi_task
+        learner.adapt(support_losses)       # inner optimiser (fresh state) takes theta to phi_task
         learner.accumulate(query_loss)      # add theta - phi (Reptile) or grad L_query(phi) (FOMAML),
                                             # then RESTORE theta: the outer step starts from theta,
                                             # not from the last task's phi (the reference code's bug)
@@ -120,14 +120,14 @@ class MetaLearner:
         self.meta_grad_flat.zero_()
         self.tasks_seen = 0
 
-    def adapt(self, support_loss: Callable[[int], torch.Tensor], steps: int) -> list[float]:
-        """``steps`` inner optimiser steps on ``support_loss(k)``, fresh optimiser state for the task."""
+    def adapt(self, support_losses: Sequence[Callable[[], torch.Tensor]]) -> list[float]:
+        """One inner optimiser step per support loss, with fresh optimiser state for the task."""
         self._require_grad(self.inner_params, self.snapshot.params)
         optimizer = self._make_inner_optimizer()
         losses = []
-        for k in range(steps):
+        for support_loss in support_losses:
             optimizer.zero_grad(set_to_none=True)
-            loss = support_loss(k)
+            loss = support_loss()
             self._backward(loss)
             self._clip_and_step(optimizer, self.inner_params)
             losses.append(float(loss.detach()))
