@@ -71,7 +71,7 @@ class PretrainConfig:
     model: TinySDConfig = field(default_factory=TinySDConfig)
     vae: StageConfig = field(default_factory=lambda: StageConfig(1200, 16, 1e-3, 50, 200))
     kl_weight: float = 1e-6
-    unet: StageConfig = field(default_factory=lambda: StageConfig(2400, 32, 5e-4, 100, 250))
+    unet: StageConfig = field(default_factory=lambda: StageConfig(3600, 32, 5e-4, 100, 250))
     empty_prompt_probability: float = 0.1
     ema_decay: float = 0.999
 
