@@ -53,6 +53,7 @@ class AdaptationBenchConfig:
     threshold_fraction: float = 0.8
     output_dir: str = "bench/results"
     work_dir: str = "outputs/bench-adaptation"
+    num_threads: int = 1  # per process: a shared CPU slows multi-threaded torch far more than one thread
 
     def __post_init__(self) -> None:
         check(self.steps == sorted(self.steps) and self.steps[0] == 0, "steps", self.steps,
@@ -78,7 +79,7 @@ def finetune(cfg: AdaptationBenchConfig, label: str, init: str | None, condition
         f"train_batch_size={cfg.train_batch_size}", f"learning_rate={cfg.learning_rate}", f"seed={cfg.seed}",
         f"save_steps={json.dumps(save_steps)}", "validation_steps=0", "report_to=none", "mode=full",
         f"checkpointing_steps={cfg.steps[-1]}", f"resolution={cfg.world.resolution}",
-        f"world.resolution={cfg.world.resolution}",
+        f"world.resolution={cfg.world.resolution}", f"num_threads={cfg.num_threads}",
     ]  # fmt: skip
     start = time.time()
     subprocess.run(args, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(AdaptationBenchConfig, args.config, (QUICK if args.quick else []) + args.overrides)
+    import torch
+
+    torch.set_num_threads(cfg.num_threads)
     work, out = Path(cfg.work_dir) / cfg.name, Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 

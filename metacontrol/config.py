@@ -46,7 +46,7 @@ class MetaConfig:
     """The outer and inner loops. ``joint`` is the multi-task baseline on the same data budget."""
 
     algorithm: Literal["reptile", "fomaml", "joint"] = "reptile"
-    max_meta_steps: int = 60
+    max_meta_steps: int = 300
     tasks_per_meta_step: int = 2
     inner_steps: int = 4
     inner_optimizer: Literal["sgd", "adam"] = "adam"
@@ -99,10 +99,10 @@ class MetaTrainConfig:
     enable_xformers_memory_efficient_attention: bool = False
     cache: Literal["latents", "none"] = "latents"
     cache_dir: str | None = None  # encodings cache; None: .cache/metacontrol (synthetic) or next to the data
-    checkpointing_steps: int = 20
+    checkpointing_steps: int = 50
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
-    validation_steps: int = 20
+    validation_steps: int = 50
     num_validation_images: int = 2
     validation_inference_steps: int = 20
     report_to: Literal["tensorboard", "none"] = "tensorboard"
