@@ -8,7 +8,7 @@ generated with fixed seeds, scheduler, steps and guidance. Every generated image
   (``layout_miou``: are the objects where the condition put them);
 - *image agreement with the ground truth*: SSIM, PSNR, edge F1.
 A *floor* (the base model without ControlNet, same seeds) and a *ceiling* (the ground truth
-through the VAE: the best this base model can show) normalise the condition's primary metric to a
+through the VAE: the best this base model can show) normalise edge F1 against the ground truth to a
 control score in [0, 1].
 """
 
