@@ -129,9 +129,10 @@ def main(argv: list[str] | None = None) -> Path:
     bar = tqdm(total=cfg.meta.max_meta_steps, initial=progress.meta_step, desc=f"meta-train ({cfg.meta.algorithm})",
                disable=not accelerator.is_local_main_process)
     start, first_step = time.time(), progress.meta_step
+    logs: dict[str, float] = {}
     while progress.meta_step < cfg.meta.max_meta_steps:
         episodes = sampler.episodes(progress.meta_step)
-        logs: dict[str, float] = {}
+        logs = {}
         failure: NonFiniteLossError | None = None
         try:
             if joint:  # inner_steps plain steps, each on one batch of every task: same data budget
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> Path:
             log_validation(cfg, base, controlnet, accelerator, progress.meta_step, data)
     bar.close()
 
-    final = save_final_controlnet(cfg, controlnet, accelerator, progress.meta_step)
+    final = save_final_controlnet(cfg, controlnet, accelerator, progress.meta_step, logs)
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"meta_train: {cfg.meta.algorithm} over {', '.join(cfg.data.tasks)} for {progress.meta_step} meta-steps "

@@ -163,7 +163,7 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, step: int, t
 
 
 def save_final_controlnet(cfg: MetaTrainConfig, controlnet: torch.nn.Module, accelerator: Accelerator,
-                          meta_steps: int) -> Path:
+                          meta_steps: int, last_logs: dict[str, float]) -> Path:
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         m = cfg.meta
@@ -183,6 +183,7 @@ def save_final_controlnet(cfg: MetaTrainConfig, controlnet: torch.nn.Module, acc
                 "frozen (inner / outer)": f"{cfg.freeze.inner} / {cfg.freeze.outer}",
                 "mixed precision": accelerator.mixed_precision,
                 "seed": cfg.seed,
+                **{f"last meta-step: {k}": f"{v:.4g}" for k, v in sorted(last_logs.items()) if "loss" in k},
             },
             "This is an *initialisation*: fine-tune it on a new condition with `train/finetune.py` "
             "(about 100 steps); edge-like conditions may work zero-shot. Metrics: see `train/evaluate.py` and "
