@@ -9,6 +9,7 @@ and text encoder.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +34,14 @@ class TaskData:
         raise NotImplementedError
 
     def item_tensors(self, indices: Sequence[int]) -> dict:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A content hash of what the frozen VAE and text encoder see: the images and captions, in order.
+
+        Condition maps are left out on purpose: they do not change the encodings, so tasks that share
+        their images (the synthetic pools, one image folder annotated per task) share one cache entry.
+        """
         raise NotImplementedError
 
     def batch(self, indices: Sequence[int]) -> dict:
@@ -65,6 +74,12 @@ class TensorPool(TaskData):
             "caption": [self.captions[i] for i in indices],
         }
 
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(f"pool {tuple(self.images.shape)} {self.images.dtype}\n".encode())
+        digest.update(self.images.contiguous().numpy().data)
+        digest.update(_captions_bytes(self.captions))
+        return digest.hexdigest()
+
 
 class DatasetTaskData(TaskData):
     """A ``Dataset`` whose items are dicts of ``pixel_values`` / ``conditioning_pixel_values`` / ``caption``."""
@@ -83,6 +98,36 @@ class DatasetTaskData(TaskData):
             "conditioning_pixel_values": torch.stack([it["conditioning_pixel_values"] for it in items]),
             "caption": [it["caption"] for it in items],
         }
+
+    def fingerprint(self) -> str:
+        """Over image files' bytes where the dataset lists its files, else over every item's pixels.
+
+        An image folder has decoded each file once at construction, so re-reading the bytes is cheap;
+        other datasets (saved HF ones) pay one pass of image decoding here.
+        """
+        samples = getattr(self.dataset, "_samples", None)  # ImageFolderDataset's file list
+        digest = hashlib.sha256()
+        if samples is not None:
+            digest.update(b"files\n")
+            for sample in samples:
+                digest.update(hashlib.sha256(sample.image.read_bytes()).digest())
+            captions = [sample.caption for sample in samples]
+        else:
+            digest.update(b"items\n")
+            captions = []
+            for i in range(len(self)):
+                item = self.dataset[i]
+                digest.update(f"{tuple(item['pixel_values'].shape)}".encode())
+                digest.update(item["pixel_values"].contiguous().numpy().data)
+                captions.append(item["caption"])
+        digest.update(_captions_bytes(captions))
+        return digest.hexdigest()
+
+
+def _captions_bytes(captions: Sequence[str]) -> bytes:
+    """Length-prefixed, so no two caption lists hash alike by shifting text between neighbours."""
+    encoded = [caption.encode() for caption in captions]
+    return b"".join(len(data).to_bytes(8, "little") + data for data in encoded)
 
 
 def _chw(array: np.ndarray) -> torch.Tensor:

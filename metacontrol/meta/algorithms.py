@@ -86,12 +86,23 @@ class MetaLearner:
         self.outer_theta = [self.snapshot.buffers[index[id(p)]] for p in self.outer_params]
         self.meta_grad_flat, self.meta_grad = flat_buffer_views(self.outer_params)
         self.tasks_seen = 0
+        self._inner: torch.optim.Optimizer | None = None  # built on first use, then reset per task
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _make_inner_optimizer(self) -> torch.optim.Optimizer:
-        if self.inner_optimizer == "sgd":
-            return torch.optim.SGD(self.inner_params, lr=self.inner_learning_rate)
-        return torch.optim.Adam(self.inner_params, lr=self.inner_learning_rate)
+    def _fresh_inner_optimizer(self) -> torch.optim.Optimizer:
+        """The inner optimiser with the state of a new one, reusing its buffers.
+
+        Zeroed Adam moments and step counts make the next step exactly a fresh optimiser's first, while
+        allocating the state once instead of per task (two parameter-sized buffers each time).
+        """
+        if self._inner is None:
+            cls = torch.optim.SGD if self.inner_optimizer == "sgd" else torch.optim.Adam
+            self._inner = cls(self.inner_params, lr=self.inner_learning_rate)
+        else:
+            state = [t for per_param in self._inner.state.values() for t in per_param.values() if torch.is_tensor(t)]
+            if state:
+                torch._foreach_zero_(state)
+        return self._inner
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
@@ -123,7 +134,7 @@ class MetaLearner:
     def adapt(self, support_losses: Sequence[Callable[[], torch.Tensor]]) -> list[float]:
         """One inner optimiser step per support loss, with fresh optimiser state for the task."""
         self._require_grad(self.inner_params, self.snapshot.params)
-        optimizer = self._make_inner_optimizer()
+        optimizer = self._fresh_inner_optimizer()
         losses = []
         for support_loss in support_losses:
             optimizer.zero_grad(set_to_none=True)
