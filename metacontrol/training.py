@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
 
 from metacontrol.checkpointing import atomic_directory
 from metacontrol.config import MetaTrainConfig
@@ -39,6 +40,26 @@ class TrainingProgress:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.meta_step = int(state["meta_step"])
+
+
+def setup_accelerator(cfg: Any) -> Accelerator:
+    """The Accelerator, logging, CPU threads and seed, set up the same way for every training script.
+
+    ``cfg`` needs ``output_dir``, ``logging_dir``, ``mixed_precision``, ``report_to``, ``num_threads``, ``seed``.
+    """
+    output_dir = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    set_seed(cfg.seed)
+    return accelerator
 
 
 def weight_dtype_of(mixed_precision: str) -> torch.dtype:

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import ControlNetModel
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -52,6 +50,7 @@ from metacontrol.training import (  # noqa: E402
     load_base_for_training,
     resolve_resume_path,
     save_training_state,
+    setup_accelerator,
     weight_dtype_of,
 )
 from metacontrol.validation import log_validation  # noqa: E402
@@ -135,18 +134,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
     output_dir = Path(cfg.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                            logging_dir=str(output_dir / cfg.logging_dir)),
-    )
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    set_seed(cfg.seed)
+    accelerator = setup_accelerator(cfg)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
 
     # -- models: frozen base, the initialisation (checked against the base), the few shots -----------
