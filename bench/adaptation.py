@@ -166,6 +166,17 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def speedup(standard: int | None, meta: int | None, budget: int) -> str:
+    """standard / meta steps to threshold, with the cases where one of them never got there."""
+    if meta is None:
+        return "n/a: meta did not reach it"
+    if meta == 0:
+        return "meta zero-shot" if standard != 0 else "both zero-shot"
+    if standard is None:
+        return f"> {budget / meta:.1f}x (standard did not reach it)"
+    return f"{standard / meta:.1f}x"
+
+
 def markdown_report(results: dict, cfg: AdaptationBenchConfig, plot: Path) -> str:
     labels = list(cfg.initialisations)
     lines = [f"### {cfg.name}: control score (0 = base model without ControlNet, 1 = ground truth through the VAE)",
@@ -179,8 +190,7 @@ def markdown_report(results: dict, cfg: AdaptationBenchConfig, plot: Path) -> st
               "|---|---|" + "---|" * (len(labels) + 1)]
     for c in cfg.conditions:
         reached = results["steps_to_threshold"][c]
-        std, rep = reached.get("standard"), reached.get("reptile")
-        ratio = f"{std / rep:.1f}x" if std and rep else "n/a"
+        ratio = speedup(reached.get("standard"), reached.get("reptile"), cfg.steps[-1])
         lines.append(f"| {c} | {results['thresholds'][c]:.3f} | " + " | ".join(str(reached[lab]) for lab in labels)
                      + f" | {ratio} |")
     lines += ["", f"Plot: {plot}"]
