@@ -66,13 +66,16 @@ def test_run_writes_a_diffusers_controlnet_that_runs_in_the_pipeline(reference_r
 def test_two_processes_equal_one_process(reference_run, tiny_sd_dir, tmp_path):
     """gloo on CPU: each process adapts on its own task, the meta-gradient is averaged by one all-reduce.
 
-    With 2 tasks per meta-step the sum is a + b in both runs, so the result is bit-identical.
+    With 2 tasks per meta-step the sum is a + b in both runs, so the result is bit-identical. Validation
+    runs on rank 0 only (rank 1 waits) and must neither deadlock nor change the training.
     """
     out = tmp_path / "two"
     run_script([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6")],
+                "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6", "validation_steps=3",
+                                                  "num_validation_images=1", "validation_inference_steps=2")],
                env={"ACCELERATE_USE_CPU": "1"})
     _assert_same_weights(out, reference_run)
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png", "step-000006.png"]
 
 
 def test_sigkill_then_resume_equals_uninterrupted(reference_run, tiny_sd_dir, tmp_path):
