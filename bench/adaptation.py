@@ -1,18 +1,25 @@
 """The steps-to-control benchmark: how fast does each initialisation learn a held-out condition?
 
-    python bench/adaptation.py --config configs/bench_adaptation_tiny.yaml [--quick] [key=value ...]
+    python bench/adaptation.py --config configs/bench_adaptation_tiny.yaml [--quick] [--shard K/N] [key=value ...]
 
-For every held-out condition and every initialisation (standard ``from_unet``, joint multi-task,
-Reptile, FOMAML) it fine-tunes with the same data, seeds and budget (``train/finetune.py`` in a
-subprocess, saving the ControlNet at each evaluated step count), evaluates each saved step with the
-evaluation harness (step 0 = zero-shot), and reports learning curves of the control score, the
-zero-shot score, and the steps each initialisation needs to reach ``threshold_fraction`` of the best
-score any initialisation reached at the last step, with the ratio standard / meta.
+For every shot regime, held-out condition, initialisation (standard ``from_unet``, joint multi-task,
+Reptile, FOMAML, ...) and fine-tuning seed it fine-tunes with the same data, seeds and budget
+(``train/finetune.py`` in a subprocess, saving the ControlNet at every evaluated step count; seed s
+trains on its own shots, scenes ``s * shots ..``, and its own noise), then scores every saved step
+on the same held-out scenes with the same generation noise (step 0 = the initialisation itself,
+zero-shot). Per point it reports the mean control score with a 95% bootstrap interval over scenes and
+seeds; per pair of initialisations the paired difference with its interval; per curve the steps to
+fixed absolute control scores and the area under the curve over the first ``auc_budget`` steps.
+
+Work is cached per run under ``work_dir`` (scores as JSON next to the fine-tuned checkpoints), so an
+interrupted benchmark resumes where it stopped, and ``--shard K/N`` splits the runs across processes
+(one per core): run the shards side by side, then once more without ``--shard`` to write the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -22,13 +29,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from metacontrol.configuration import check, load_config  # noqa: E402
+from metacontrol.checkpointing import atomic_files  # noqa: E402
+from metacontrol.configuration import ConfigError, check, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
-from metacontrol.eval.harness import EvalSettings, Evaluator, synthetic_eval_sets  # noqa: E402
+from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
+from metacontrol.eval.statistics import Interval, Resampler, mean_curve, paired_difference, summarise  # noqa: E402
 from metacontrol.models.base import load_base_model  # noqa: E402
 
 logger = logging.getLogger("bench.adaptation")
@@ -43,159 +54,251 @@ class AdaptationBenchConfig:
         "standard": None, "joint": "checkpoints/joint-controlnet-tiny",
         "reptile": "checkpoints/meta-controlnet-tiny", "fomaml": "checkpoints/fomaml-controlnet-tiny"})
     conditions: list[str] = field(default_factory=lambda: ["scribble", "normal", "seg"])
-    steps: list[int] = field(default_factory=lambda: [0, 25, 50, 100, 200, 400, 800])
-    shots: int = 256
+    steps: list[int] = field(default_factory=lambda: [0, 25, 50, 100, 200])
+    shots: list[int] = field(default_factory=lambda: [16])  # shot regimes; 16 is the few-shot recipe users run
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning seeds (shots and noise)
     train_batch_size: int = 8
     learning_rate: float = 5e-4
-    seed: int = 0
     world: WorldConfig = field(default_factory=WorldConfig)
     settings: EvalSettings = field(default_factory=EvalSettings)
-    threshold_fraction: float = 0.8
+    thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5])  # absolute control scores
+    auc_budget: int = 100  # the mission's budget: mean control score over steps 0..100
+    bootstrap_resamples: int = 2000
     output_dir: str = "bench/results"
     work_dir: str = "outputs/bench-adaptation"
     num_threads: int = 1  # per process: a shared CPU slows multi-threaded torch far more than one thread
 
     def __post_init__(self) -> None:
-        check(self.steps == sorted(self.steps) and self.steps[0] == 0, "steps", self.steps,
+        check(self.steps == sorted(set(self.steps)) and self.steps[0] == 0, "steps", self.steps,
               "an increasing list starting at 0")
-        check(0 < self.threshold_fraction <= 1, "threshold_fraction", self.threshold_fraction, "in (0, 1]")
+        check(self.auc_budget in self.steps[1:], "auc_budget", self.auc_budget, f"one of the steps {self.steps[1:]}")
+        check(len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds,
+              "a list of distinct integers")
+        check(len(self.shots) >= 1 and all(s >= self.train_batch_size for s in self.shots), "shots", self.shots,
+              f"a list of regimes, each >= train_batch_size ({self.train_batch_size})")
+        check(all(0 < t <= 1 for t in self.thresholds), "thresholds", self.thresholds, "control scores in (0, 1]")
+        check(len(self.initialisations) >= 1, "initialisations", self.initialisations, "at least one label: folder")
 
 
-QUICK = ["steps=[0, 5, 10]", "shots=16", "conditions=[scribble, normal]", "settings.num_samples=4",
-         "settings.num_inference_steps=8", "name=quick"]
+QUICK = ["steps=[0, 5, 10]", "shots=[8]", "seeds=[0, 1]", "conditions=[scribble, pose]", "settings.num_samples=4",
+         "settings.num_inference_steps=4", "auc_budget=10", "bootstrap_resamples=200", "name=quick",
+         "output_dir=outputs/bench-quick", "work_dir=outputs/bench-quick/work"]
 
 
-def finetune(cfg: AdaptationBenchConfig, label: str, init: str | None, condition: str, out: Path) -> None:
+def finetune(cfg: AdaptationBenchConfig, init: str | None, condition: str, shots: int, seed: int, out: Path) -> None:
     """One fine-tuning run in its own process, saving the ControlNet at every evaluated step count."""
-    if (out / "config.json").is_file():
-        logger.info("reusing %s", out)
-        return
     save_steps = [s for s in cfg.steps if s > 0]
     args = [
         sys.executable, str(REPO / "train/finetune.py"), "--config", str(REPO / "configs/finetune_tiny.yaml"),
         f"pretrained_model_name_or_path={cfg.pretrained_model_name_or_path}",
         f"controlnet_model_name_or_path={init if init is not None else 'null'}",
-        f"output_dir={out}", f"condition={condition}", f"shots={cfg.shots}", f"max_train_steps={cfg.steps[-1]}",
-        f"train_batch_size={cfg.train_batch_size}", f"learning_rate={cfg.learning_rate}", f"seed={cfg.seed}",
-        f"save_steps={json.dumps(save_steps)}", "validation_steps=0", "report_to=none", "mode=full",
-        f"checkpointing_steps={cfg.steps[-1]}", f"resolution={cfg.world.resolution}",
-        f"world.resolution={cfg.world.resolution}", f"num_threads={cfg.num_threads}",
+        f"output_dir={out}", f"condition={condition}", f"shots={shots}", f"shot_offset={seed * shots}",
+        f"max_train_steps={cfg.steps[-1]}", f"train_batch_size={cfg.train_batch_size}",
+        f"learning_rate={cfg.learning_rate}", f"seed={seed}", f"save_steps={json.dumps(save_steps)}",
+        "validation_steps=0", "report_to=none", "mode=full", f"checkpointing_steps={cfg.steps[-1]}",
+        f"resolution={cfg.world.resolution}", f"world.resolution={cfg.world.resolution}",
+        f"num_threads={cfg.num_threads}",
     ]  # fmt: skip
-    start = time.time()
     subprocess.run(args, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    logger.info("fine-tuned %s on %s for %d steps in %.1f min", label, condition, cfg.steps[-1], (time.time() - start) / 60)
 
 
-def steps_to_threshold(curve: dict[int, float], threshold: float) -> int | None:
-    return next((step for step, score in sorted(curve.items()) if score >= threshold), None)
+def score_folder(evaluator: Evaluator, base, folder: str | None, condition: str, path: Path) -> dict[str, list]:
+    """Per-sample scores of one ControlNet folder on one condition, cached as JSON at ``path``."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    controlnet = create_controlnet(base.unet, base.vae_scale_factor, folder).eval()
+    scores, _ = evaluator.evaluate_samples(controlnet, condition)
+    result = {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in scores.items()}
+    with atomic_files(path.parent) as tmp:
+        (tmp / path.name).write_text(json.dumps(result))
+    return result
+
+
+def run_key(shots: int, condition: str, label: str, seed: int) -> str:
+    return f"shots-{shots}/{condition}/{label}/seed-{seed}"
+
+
+def as_array(rows: list) -> np.ndarray:
+    return np.array([np.nan if x is None else x for x in rows], np.float64)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--quick", action="store_true", help="a minutes-long smoke run (tiny budget, under outputs/)")
+    parser.add_argument("--shard", default=None, help="K/N: do only runs K, K+N, ...; write no report")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = load_config(AdaptationBenchConfig, args.config, (QUICK if args.quick else []) + args.overrides)
+    shard, shards = parse_shard(args.shard)
+    import torch
+
+    torch.set_num_threads(cfg.num_threads)
+    work, out = Path(cfg.work_dir) / cfg.name, Path(cfg.output_dir)
+
+    base = load_base_model(cfg.pretrained_model_name_or_path).freeze()
+    for init in cfg.initialisations.values():  # every initialisation must fit the base before any work
+        if init is not None:
+            create_controlnet(base.unet, base.vae_scale_factor, init)
+    start = time.time()
+    evaluator = Evaluator(base, synthetic_eval_sets(cfg.conditions, cfg.world, cfg.settings), cfg.settings)
+    zero_shot = list(itertools.product(cfg.conditions, cfg.initialisations))
+    runs = list(itertools.product(cfg.shots, cfg.conditions, cfg.initialisations, cfg.seeds))
+    jobs = [("zero", j) for j in zero_shot] + [("run", j) for j in runs]
+    for number, (kind, job) in enumerate(jobs):
+        if number % shards != shard:
+            continue
+        if kind == "zero":
+            condition, label = job
+            score_folder(evaluator, base, cfg.initialisations[label], condition, work / f"zero-shot/{condition}/{label}.json")
+            continue
+        shots, condition, label, seed = job
+        run_dir = work / run_key(*job)
+        if not all((run_dir / f"scores-{s}.json").is_file() for s in cfg.steps[1:]):
+            if not all((run_dir / f"step-{s}" / "config.json").is_file() for s in cfg.steps[1:]):
+                t = time.time()
+                finetune(cfg, cfg.initialisations[label], condition, shots, seed, run_dir)
+                logger.info("fine-tuned %s in %.1f min", run_key(*job), (time.time() - t) / 60)
+            for step in cfg.steps[1:]:
+                s = score_folder(evaluator, base, str(run_dir / f"step-{step}"), condition, run_dir / f"scores-{step}.json")
+                logger.info("%s / step %d: control score %.3f", run_key(*job), step, np.nanmean(as_array(s["control_score"])))
+    if shards > 1:
+        logger.info("shard %d/%d done in %.1f min; run without --shard to write the report", shard, shards,
+                    (time.time() - start) / 60)
+        return None
+    results = analyse(cfg, evaluator, work)
+    results["wall_clock_minutes_this_invocation"] = (time.time() - start) / 60
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"adaptation-{cfg.name}.json").write_text(json.dumps(results, indent=2))
+    plot = plot_curves(results, cfg, out / f"adaptation-{cfg.name}.png")
+    report = markdown_report(results, cfg, plot)
+    (out / f"adaptation-{cfg.name}.md").write_text(report + "\n")
+    print(report)
+    return results
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard: expected K/N with integers 0 <= K < N, got {text!r}") from None
+    if not 0 <= k < n:
+        raise ConfigError(f"--shard: expected K/N with integers 0 <= K < N, got {text!r}")
+    return k, n
+
+
+def score_matrix(cfg: AdaptationBenchConfig, work: Path, shots: int, condition: str, label: str,
+                 metric: str = "control_score") -> np.ndarray:
+    """scores[seed, scene, step] of one curve; step 0 (the initialisation) is the same for every seed."""
+    zero = as_array(json.loads((work / f"zero-shot/{condition}/{label}.json").read_text())[metric])
+    rows = []
+    for seed in cfg.seeds:
+        run_dir = work / run_key(shots, condition, label, seed)
+        later = [as_array(json.loads((run_dir / f"scores-{s}.json").read_text())[metric]) for s in cfg.steps[1:]]
+        rows.append(np.stack([zero, *later], axis=1))
+    return np.stack(rows)
+
+
+def analyse(cfg: AdaptationBenchConfig, evaluator: Evaluator, work: Path) -> dict:
+    """Every curve's summary and every pair's paired difference, from the cached per-sample scores."""
+    labels = list(cfg.initialisations)
+    resampler = Resampler.draw(len(cfg.seeds), cfg.settings.num_samples, cfg.bootstrap_resamples)
+    regimes = {}
+    for shots in cfg.shots:
+        per_condition = {}
+        for condition in cfg.conditions:
+            matrices = {lab: score_matrix(cfg, work, shots, condition, lab) for lab in labels}
+            curves = {lab: asdict(summarise(m, cfg.steps, cfg.thresholds, cfg.auc_budget, resampler))
+                      for lab, m in matrices.items()}
+            pairs = {f"{a} - {b}": asdict(paired_difference(matrices[a], matrices[b], cfg.steps, cfg.auc_budget,
+                                                            resampler))
+                     for a, b in itertools.combinations(labels, 2)}
+            # the colour-based layout mIoU, a secondary column kept for comparison with earlier results
+            layout = {lab: mean_curve(score_matrix(cfg, work, shots, condition, lab, "layout_miou")).tolist()
+                      for lab in labels}
+            per_condition[condition] = {"curves": curves, "paired_differences": pairs, "layout_miou": layout}
+        regimes[str(shots)] = per_condition
+    return {"config": asdict(cfg), "control_metrics": {c: list(control_metrics(c)) for c in cfg.conditions},
+            "floor": {c: evaluator.floor(c) for c in cfg.conditions},
+            "ceiling": {c: evaluator.ceiling(c) for c in cfg.conditions}, "regimes": regimes}
 
 
 def plot_curves(results: dict, cfg: AdaptationBenchConfig, path: Path) -> Path:
+    """One panel per (regime, condition): mean control score per initialisation, its 95% interval as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(cfg.conditions), figsize=(4 * len(cfg.conditions), 3.4), squeeze=False)
-    for ax, condition in zip(axes[0], cfg.conditions):
-        for label in cfg.initialisations:
-            curve = results["curves"][condition][label]
-            xs = [max(s, 1) for s in cfg.steps]  # step 0 drawn at 1 on the log axis
-            ax.plot(xs, [curve[str(s)]["control_score"] for s in cfg.steps], marker="o", label=label)
-        ax.axhline(results["thresholds"][condition], color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_title(condition)
-        ax.set_xlabel("fine-tuning steps (0 plotted at 1)")
-        ax.set_ylim(-0.05, 1.0)
-    axes[0][0].set_ylabel("control score")
+    rows, cols = len(cfg.shots), len(cfg.conditions)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+    for r, shots in enumerate(cfg.shots):
+        for ax, condition in zip(axes[r], cfg.conditions):
+            for label in cfg.initialisations:
+                points = results["regimes"][str(shots)][condition]["curves"][label]["points"]
+                ax.plot(cfg.steps, [p["estimate"] for p in points], marker="o", ms=3, label=label)
+                ax.fill_between(cfg.steps, [p["low"] for p in points], [p["high"] for p in points], alpha=0.2)
+            for t in cfg.thresholds:
+                ax.axhline(t, color="grey", ls=":", lw=1)
+            ax.set_title(f"{condition}, {shots} shots", fontsize=10)
+            ax.set_xlabel("fine-tuning steps")
+            ax.set_ylim(-0.1, 1.0)
+        axes[r][0].set_ylabel("control score")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"steps to control: {cfg.name}")
+    fig.suptitle(f"steps to control: {cfg.name} (mean over {len(cfg.seeds)} seeds x {cfg.settings.num_samples} "
+                 "scenes, 95% bootstrap band)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None)
-    parser.add_argument("--quick", action="store_true", help="a minutes-long smoke run (tiny budget)")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = load_config(AdaptationBenchConfig, args.config, (QUICK if args.quick else []) + args.overrides)
-    import torch
-
-    torch.set_num_threads(cfg.num_threads)
-    work, out = Path(cfg.work_dir) / cfg.name, Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    base = load_base_model(cfg.pretrained_model_name_or_path).freeze()
-    for init in cfg.initialisations.values():  # every initialisation must fit the base before any work
-        if init is not None:
-            create_controlnet(base.unet, base.vae_scale_factor, init)
-    evaluator = Evaluator(base, synthetic_eval_sets(cfg.conditions, cfg.world, cfg.settings), cfg.settings)
-    curves: dict = {}
-    start = time.time()
-    for condition in cfg.conditions:
-        curves[condition] = {}
-        for label, init in cfg.initialisations.items():
-            run_dir = work / condition / label
-            finetune(cfg, label, init, condition, run_dir)
-            curve = {}
-            for step in cfg.steps:
-                folder = init if step == 0 else str(run_dir / f"step-{step}")
-                controlnet = create_controlnet(base.unet, base.vae_scale_factor, folder).eval()
-                metrics, _ = evaluator.evaluate(controlnet, condition)
-                curve[str(step)] = metrics
-                logger.info("%s / %s / step %d: control score %.3f", condition, label, step, metrics["control_score"])
-            curves[condition][label] = curve
-
-    last = str(cfg.steps[-1])
-    thresholds = {c: cfg.threshold_fraction * max(curves[c][lab][last]["control_score"] for lab in cfg.initialisations)
-                  for c in cfg.conditions}
-    reached = {c: {lab: steps_to_threshold({int(s): m["control_score"] for s, m in curves[c][lab].items()},
-                                           thresholds[c]) for lab in cfg.initialisations} for c in cfg.conditions}
-    results = {"config": asdict(cfg), "floor": {c: evaluator.floor(c) for c in cfg.conditions},
-               "ceiling": {c: evaluator.ceiling(c) for c in cfg.conditions}, "curves": curves,
-               "thresholds": thresholds, "steps_to_threshold": reached,
-               "wall_clock_minutes": (time.time() - start) / 60}
-    (out / f"adaptation-{cfg.name}.json").write_text(json.dumps(results, indent=2))
-    plot = plot_curves(results, cfg, out / f"adaptation-{cfg.name}.png")
-    print(markdown_report(results, cfg, plot))
-    return results
-
-
-def speedup(standard: int | None, meta: int | None, budget: int) -> str:
-    """standard / meta steps to threshold, with the cases where one of them never got there."""
-    if meta is None:
-        return "n/a: meta did not reach it"
-    if meta == 0:
-        return "meta zero-shot" if standard != 0 else "both zero-shot"
-    if standard is None:
-        return f"> {budget / meta:.1f}x (standard did not reach it)"
-    return f"{standard / meta:.1f}x"
+def _cell(interval: dict, digits: int = 3) -> str:
+    return Interval(**interval).format(digits)
 
 
 def markdown_report(results: dict, cfg: AdaptationBenchConfig, plot: Path) -> str:
     labels = list(cfg.initialisations)
-    lines = [f"### {cfg.name}: control score (0 = base model without ControlNet, 1 = ground truth through the VAE)",
-             "", "| condition | step | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
-    for c in cfg.conditions:
-        for step in cfg.steps:
-            scores = [f"{results['curves'][c][lab][str(step)]['control_score']:.3f}" for lab in labels]
-            lines.append(f"| {c} | {step} | " + " | ".join(scores) + " |")
-    lines += ["", f"Steps to reach {cfg.threshold_fraction:.0%} of the best final score (none: not within "
-              f"{cfg.steps[-1]}):", "", "| condition | threshold | " + " | ".join(labels) + " | standard / reptile |",
-              "|---|---|" + "---|" * (len(labels) + 1)]
-    for c in cfg.conditions:
-        reached = results["steps_to_threshold"][c]
-        ratio = speedup(reached.get("standard"), reached.get("reptile"), cfg.steps[-1])
-        lines.append(f"| {c} | {results['thresholds'][c]:.3f} | " + " | ".join(str(reached[lab]) for lab in labels)
-                     + f" | {ratio} |")
-    lines += ["", f"Plot: {plot}"]
+    n = f"{len(cfg.seeds)} seeds x {cfg.settings.num_samples} scenes"
+    lines = []
+    for shots in cfg.shots:
+        regime = results["regimes"][str(shots)]
+        lines += [f"### {cfg.name}, {shots} shots: control score, mean [95% CI over {n}]", "",
+                  "| condition | step | " + " | ".join(labels) + " |", "|---|---:|" + "---|" * len(labels)]
+        for c in cfg.conditions:
+            for k, step in enumerate(cfg.steps):
+                cells = [_cell(regime[c]["curves"][lab]["points"][k]) for lab in labels]
+                lines.append(f"| {c} | {step} | " + " | ".join(cells) + " |")
+        thresholds = " / ".join(f"{t:g}" for t in cfg.thresholds)
+        lines += ["", f"Steps to reach a control score of {thresholds} (none: not within {cfg.steps[-1]}) and the "
+                  f"mean score over steps 0-{cfg.auc_budget} (AUC):", "",
+                  "| condition | measure | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+        for c in cfg.conditions:
+            curves = regime[c]["curves"]
+            for t in cfg.thresholds:
+                lines.append(f"| {c} | steps to {t:g} | "
+                             + " | ".join(_cell(curves[lab]["steps_to"][t], 0) for lab in labels) + " |")
+            lines.append(f"| {c} | AUC 0-{cfg.auc_budget} | " + " | ".join(_cell(curves[lab]["auc"]) for lab in labels)
+                         + " |")
+        shown = [k for k, s in enumerate(cfg.steps) if s <= cfg.auc_budget]
+        lines += ["", "Paired differences A - B (same seeds, scenes and noise), mean [95% CI]; * = the interval "
+                  "excludes 0:", "", "| condition | A - B | " + " | ".join(f"step {cfg.steps[k]}" for k in shown)
+                  + f" | AUC 0-{cfg.auc_budget} |", "|---|---|" + "---|" * (len(shown) + 1)]
+        for c in cfg.conditions:
+            for pair, diff in regime[c]["paired_differences"].items():
+                cells = [diff["points"][k] for k in shown] + [diff["auc"]]
+                lines.append(f"| {c} | {pair} | " + " | ".join(
+                    _cell(x) + ("*" if x["low"] > 0 or x["high"] < 0 else "") for x in cells) + " |")
+        lines.append("")
+    lines.append(f"Plot: {plot}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:
+        raise SystemExit(f"bench/adaptation.py: configuration error: {err}") from None

@@ -36,6 +36,7 @@ class FinetuneConfig:
     # -- the new condition and its few examples: the first `shots` of the source -----------------------
     condition: str = "normal"
     shots: int = 16
+    shot_offset: int = 0  # index of the first example used: seeds of a benchmark draw disjoint shots
     source: Literal["synthetic", "imagefolder"] = "synthetic"
     world: WorldConfig = field(default_factory=WorldConfig)
     train_data_dir: str | None = None  # imagefolder: `{train_data_dir}/{condition}` if it exists, else itself
@@ -76,6 +77,7 @@ class FinetuneConfig:
               f"one of {', '.join(condition_names())}")
         check(self.resolution >= 8, "resolution", self.resolution, "an integer >= 8")
         check(self.shots >= 1, "shots", self.shots, "a positive integer")
+        check(self.shot_offset >= 0, "shot_offset", self.shot_offset, "an integer >= 0")
         check(1 <= self.train_batch_size <= self.shots, "train_batch_size", self.train_batch_size,
               f"from 1 to shots ({self.shots}): a batch holds distinct examples")
         check(self.max_train_steps >= 0, "max_train_steps", self.max_train_steps, ">= 0")

@@ -26,7 +26,7 @@ from metacontrol.conditions import get_condition  # noqa: E402
 from metacontrol.configuration import ConfigError, check, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
-from metacontrol.eval.harness import EvalSettings, Evaluator, primary_metric, synthetic_eval_sets  # noqa: E402
+from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
 from metacontrol.models.base import load_base_model  # noqa: E402
 from metacontrol.visual import save_grid  # noqa: E402
 
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         for condition in cfg.conditions:
             metrics, images = evaluator.evaluate(controlnet, condition)
             results[label][condition] = metrics
-            logger.info("%s on %s: control score %.3f (%s %.3f)", label, condition, metrics["control_score"],
-                        primary_metric(condition), metrics[primary_metric(condition)])
+            logger.info("%s on %s: control score %.3f (%s)", label, condition, metrics["control_score"],
+                        ", ".join(f"{m} {metrics[m]:.3f}" for m in control_metrics(condition)))
             eval_set = evaluator.eval_sets[condition]
             for i in range(min(cfg.grid_samples, len(images))):
                 rows.append([eval_set.maps[i], images[i], eval_set.images[i]])
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "base_model": cfg.pretrained_model_name_or_path,
         "settings": asdict(cfg.settings),
         "world": asdict(cfg.world),
-        "primary_metric": {c: primary_metric(c) for c in cfg.conditions},
+        "control_metrics": {c: list(control_metrics(c)) for c in cfg.conditions},
         "floor": {c: evaluator.floor(c) for c in cfg.conditions},
         "ceiling": {c: evaluator.ceiling(c) for c in cfg.conditions},
         "results": results,

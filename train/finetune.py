@@ -67,19 +67,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def few_shot_data(cfg: FinetuneConfig, base: BaseModel, show_progress: bool) -> TaskData:
-    """The first ``shots`` examples of the source; too few fails here, before any training work."""
+    """``shots`` examples of the source from ``shot_offset`` on; too few fails here, before any training work."""
     if cfg.source == "synthetic":
-        pools = synthetic_pools(cfg.world, [cfg.condition], cfg.shots, "train", show_progress)
+        pools = synthetic_pools(cfg.world, [cfg.condition], cfg.shots, "train", show_progress, start=cfg.shot_offset)
         data: TaskData = pools[cfg.condition]
     else:
         root = Path(cfg.train_data_dir)
         root = root / cfg.condition if (root / cfg.condition).is_dir() else root
         dataset = ImageFolderDataset(root, cfg.condition, cfg.resolution, cfg.annotators,
                                      on_bad_sample=cfg.on_bad_sample)
-        if len(dataset) < cfg.shots:
-            raise ConfigError(f"shots: {cfg.shots} examples asked for, but {root} has only {len(dataset)} "
-                              f"usable samples ({len(dataset.skipped)} skipped as bad); lower shots")
-        data = DatasetTaskData(Subset(dataset, range(cfg.shots)))
+        if len(dataset) < cfg.shot_offset + cfg.shots:
+            raise ConfigError(f"shots: {cfg.shots} examples from shot_offset {cfg.shot_offset} asked for, but {root} "
+                              f"has only {len(dataset)} usable samples ({len(dataset.skipped)} skipped as bad); "
+                              "lower shots or shot_offset")
+        data = DatasetTaskData(Subset(dataset, range(cfg.shot_offset, cfg.shot_offset + cfg.shots)))
     if cfg.cache == "latents":
         attach_encodings({cfg.condition: data}, base, show_progress=show_progress)
     return data

@@ -36,6 +36,9 @@ class Condition(ABC):
 
     name: ClassVar[str]
     is_edge: ClassVar[bool] = False  # edge-like maps are the ones the paper controls zero-shot
+    # What the condition constrains, as metrics of ``metacontrol.eval.metrics`` scored by the harness:
+    # the control score averages their floor-to-ceiling normalised values.
+    control_metrics: ClassVar[tuple[str, ...]] = ("edge_f1",)
     annotator: ClassVar[AnnotatorSpec | None] = None
 
     @abstractmethod

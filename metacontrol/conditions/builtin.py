@@ -22,6 +22,9 @@ ADE20K_COLOURS = {0: (120, 120, 120), 3: (80, 50, 50), 12: (150, 5, 61), 41: (0,
                   119: (255, 0, 163), 34: (255, 41, 10)}  # fmt: skip
 SEG_PALETTE = np.array([ADE20K_COLOURS[ADE20K_CLASS_INDEX[c]] for c in CLASSES], np.uint8)
 
+# Layout conditions fix where objects are and where their outlines run, not their colours.
+LAYOUT_METRICS = ("region_iou", "boundary_f1")
+
 # OpenPose drawing as in controlnet_aux.open_pose.util.draw_bodypose (1-based keypoint pairs).
 OPENPOSE_LIMBS = ((2, 3), (2, 6), (3, 4), (4, 5), (6, 7), (7, 8), (2, 9), (9, 10), (10, 11), (2, 12),
                   (12, 13), (13, 14), (2, 1), (1, 15), (15, 17), (1, 16), (16, 18))  # fmt: skip
@@ -123,6 +126,7 @@ class Depth(Condition):
     """MiDaS-style relative inverse depth: grey, near = bright, normalised per image."""
 
     name = "depth"
+    control_metrics = LAYOUT_METRICS
     annotator = AnnotatorSpec("controlnet_aux.midas", "MidasDetector", ("dpt_hybrid-midas-501f0c75.pt",))
 
     def render(self, scene: Scene) -> np.ndarray:
@@ -136,6 +140,7 @@ class Normal(Condition):
     """Surface normals in the usual RGB encoding: (n + 1) / 2 with x right, y up, z towards the viewer."""
 
     name = "normal"
+    control_metrics = LAYOUT_METRICS
     annotator = AnnotatorSpec("controlnet_aux.normalbae", "NormalBaeDetector", ("scannet.pt",))
 
     def render(self, scene: Scene) -> np.ndarray:
@@ -147,6 +152,7 @@ class Segmentation(Condition):
     """Semantic segmentation in the ADE20K palette. controlnet-aux has no ADE20K segmenter without mmcv."""
 
     name = "seg"
+    control_metrics = LAYOUT_METRICS
 
     def render(self, scene: Scene) -> np.ndarray:
         return SEG_PALETTE[scene.class_map]
@@ -157,6 +163,7 @@ class Pose(Condition):
     """OpenPose body skeletons drawn as controlnet-aux draws them, on black."""
 
     name = "pose"
+    control_metrics = ("figure_iou",)  # the figure, judged in its own box: the other objects do not count
     annotator = AnnotatorSpec(
         "controlnet_aux.open_pose", "OpenposeDetector", ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
     )

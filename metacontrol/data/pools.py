@@ -135,8 +135,8 @@ def _chw(array: np.ndarray) -> torch.Tensor:
 
 
 def synthetic_pools(world: WorldConfig, tasks: Sequence[str], size: int, split: str = "train",
-                    show_progress: bool = True, keep_scenes: bool = False) -> dict[str, TensorPool]:
-    """Render ``size`` scenes of ``split`` once and every task's condition map from each.
+                    show_progress: bool = True, keep_scenes: bool = False, start: int = 0) -> dict[str, TensorPool]:
+    """Render scenes ``start .. start + size - 1`` of ``split`` once and every task's condition map from each.
 
     ``keep_scenes`` keeps the ground truth too, for evaluation against it.
     """
@@ -144,7 +144,7 @@ def synthetic_pools(world: WorldConfig, tasks: Sequence[str], size: int, split: 
     conditions = {task: get_condition(task) for task in tasks}
     offset = SPLIT_SEED_OFFSETS[split]
     images, maps, captions, scenes = [], {t: [] for t in tasks}, [], []
-    for i in tqdm(range(size), desc=f"render {split} pool", disable=not show_progress):
+    for i in tqdm(range(start, start + size), desc=f"render {split} pool", disable=not show_progress):
         scene = generator.sample(offset + i)
         images.append(_chw(scene.image))
         captions.append(scene.caption)

@@ -12,7 +12,8 @@ loop does. Conventions shared by all functions:
 ``segment_by_scene_colours`` / ``layout_miou`` are the synthetic world's exact re-annotation: when no
 controlnet-aux annotator weights exist, a generated image is segmented by nearest mean ground-truth
 region colour, which tells whether generated objects are where the condition put them for *any*
-condition type.
+condition type. ``region_iou``, ``boundary_f1`` and ``figure_iou`` ask the same of layout and pose
+without depending on colours: regions are told apart by the generated image's *own* colours.
 """
 
 from __future__ import annotations
@@ -27,15 +28,18 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from metacontrol.data.world import Scene
 
 __all__ = [
+    "boundary_f1",
     "canny_edges",
     "control_score",
     "edge_f1",
+    "figure_iou",
     "keypoint_error",
     "layout_miou",
     "mean_iou",
     "normal_angular_error",
     "pck",
     "psnr",
+    "region_iou",
     "rmse",
     "segment_by_scene_colours",
     "ssim",
@@ -298,6 +302,40 @@ def normal_angular_error(pred_rgb: np.ndarray, target_rgb: np.ndarray) -> float:
 
 
 # -- synthetic re-annotation ---------------------------------------------------------------------------
+def _scene_regions(scene: Scene, what: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(region index per pixel (H, W), region keys, n_classes): the scene's (instance, class) pairs.
+
+    Keys are sorted, so the room (instance 0: wall, floor) comes first and wins exact ties: an image
+    with no structure is read as all room, never as an object.
+    """
+    instances = np.asarray(scene.instance_map).astype(np.int64)
+    classes = np.asarray(scene.class_map).astype(np.int64)
+    shape = np.asarray(scene.image).shape[:2]
+    if instances.shape != shape or classes.shape != shape:
+        raise ValueError(f"{what}: scene maps {instances.shape} / {classes.shape} do not match scene.image {shape}")
+    n_classes = int(classes.max()) + 1
+    keys, region = np.unique((instances * n_classes + classes).ravel(), return_inverse=True)
+    return region.reshape(shape), keys, n_classes
+
+
+def _nearest_region(pixels: np.ndarray, region: np.ndarray, colours: np.ndarray, n_regions: int) -> np.ndarray:
+    """Each pixel's region by nearest mean colour, the means taken over ``colours`` of each region."""
+    counts = np.bincount(region, minlength=n_regions).astype(np.float64)
+    sums = np.stack([np.bincount(region, weights=colours[:, c], minlength=n_regions) for c in range(3)], axis=1)
+    present = counts > 0
+    means = np.where(present[:, None], sums / np.maximum(counts, 1)[:, None], np.inf).astype(np.float32)
+    dist = ((pixels[:, None, :].astype(np.float32) - means[None, :, :]) ** 2).sum(-1)  # (pixels, regions)
+    return dist.argmin(axis=1)
+
+
+def _check_rgb(generated: np.ndarray, scene: Scene, what: str) -> np.ndarray:
+    gen = _as_image(generated, "generated", what)
+    if gen.ndim != 3 or gen.shape[2] != 3:
+        raise ValueError(f"{what}: generated must be (H, W, 3) RGB, got shape {gen.shape}")
+    _check_same_shape(gen, np.asarray(scene.image), what, "generated", "scene.image")
+    return gen
+
+
 def segment_by_scene_colours(generated: np.ndarray, scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     """(class_map, instance_map) of a generated image by nearest mean ground-truth region colour: where things went.
 
@@ -308,33 +346,12 @@ def segment_by_scene_colours(generated: np.ndarray, scene: Scene) -> tuple[np.nd
     Returns a uint8 class map and an int32 instance map. Regions of identical colour cannot be told
     apart (possible: two objects may share a colour).
     """
-    gen = _as_image(generated, "generated", "segment_by_scene_colours")
-    image = np.asarray(scene.image)
-    if gen.ndim != 3 or gen.shape[2] != 3:
-        raise ValueError(f"segment_by_scene_colours: generated must be (H, W, 3) RGB, got shape {gen.shape}")
-    _check_same_shape(gen, image, "segment_by_scene_colours", "generated", "scene.image")
-    instances = np.asarray(scene.instance_map).astype(np.int64)
-    classes = np.asarray(scene.class_map).astype(np.int64)
-    if instances.shape != image.shape[:2] or classes.shape != image.shape[:2]:
-        raise ValueError(
-            f"segment_by_scene_colours: scene maps {instances.shape} / {classes.shape} do not match "
-            f"scene.image {image.shape}"
-        )
-    n_classes = int(classes.max()) + 1
-    keys, region = np.unique((instances * n_classes + classes).ravel(), return_inverse=True)
-    counts = np.bincount(region, minlength=len(keys)).astype(np.float64)
-    pixels = image.reshape(-1, 3).astype(np.float64)
-    means = np.stack(
-        [np.bincount(region, weights=pixels[:, c], minlength=len(keys)) for c in range(3)], axis=1
-    )
-    means = (means / counts[:, None]).astype(np.float32)
-    g = gen.reshape(-1, 3).astype(np.float32)
-    dist = ((g[:, None, :] - means[None, :, :]) ** 2).sum(-1)  # (pixels, regions)
-    nearest = keys[dist.argmin(axis=1)]
-    h, w = image.shape[:2]
-    class_map = (nearest % n_classes).reshape(h, w).astype(np.uint8)
-    instance_map = (nearest // n_classes).reshape(h, w).astype(np.int32)
-    return class_map, instance_map
+    gen = _check_rgb(generated, scene, "segment_by_scene_colours")
+    region, keys, n_classes = _scene_regions(scene, "segment_by_scene_colours")
+    truth = np.asarray(scene.image).reshape(-1, 3).astype(np.float64)
+    nearest = keys[_nearest_region(gen.reshape(-1, 3), region.ravel(), truth, len(keys))]
+    h, w = region.shape
+    return (nearest % n_classes).reshape(h, w).astype(np.uint8), (nearest // n_classes).reshape(h, w).astype(np.int32)
 
 
 def layout_miou(generated: np.ndarray, scene: Scene) -> float:
@@ -343,6 +360,61 @@ def layout_miou(generated: np.ndarray, scene: Scene) -> float:
 
     class_map, _ = segment_by_scene_colours(generated, scene)
     return mean_iou(class_map, scene.class_map, num_classes=len(CLASSES))
+
+
+def _own_colour_iou(generated: np.ndarray, scene: Scene, instance: int, margin: int, what: str) -> float:
+    """IoU of one object's true mask with the generated image's own-colour segmentation around it.
+
+    Only the object's box (+ ``margin`` px) takes part, so distant objects of the same colour do not
+    compete. Every true region in the box gets the mean of the *generated* pixels inside it, and each
+    pixel goes to the nearest mean: an object drawn where the mask says, in any colour, separates from
+    its surroundings, while wrong colours cost nothing (they are the text's job, not the ControlNet's).
+    """
+    gen = _check_rgb(generated, scene, what)
+    region, keys, n_classes = _scene_regions(scene, what)
+    instances = np.asarray(scene.instance_map)
+    ys, xs = np.nonzero(instances == instance)
+    box = (slice(max(ys.min() - margin, 0), ys.max() + margin + 1), slice(max(xs.min() - margin, 0), xs.max() + margin + 1))
+    pixels, labels = gen[box].reshape(-1, 3), region[box].ravel()
+    predicted = keys[_nearest_region(pixels, labels, pixels.astype(np.float64), len(keys))] // n_classes
+    truth = keys[labels] // n_classes == instance
+    return float((truth & (predicted == instance)).sum() / (truth | (predicted == instance)).sum())
+
+
+def _mean_object_iou(generated: np.ndarray, scene: Scene, kinds: set[str] | None, margin: int, what: str) -> float:
+    ids = [o.instance_id for o in scene.objects if o.area > 0 and (kinds is None or o.kind in kinds)]
+    ids = [i for i in ids if (np.asarray(scene.instance_map) == i).any()]
+    if not ids:
+        return math.nan
+    return float(np.mean([_own_colour_iou(generated, scene, i, margin, what) for i in ids]))
+
+
+def region_iou(generated: np.ndarray, scene: Scene, margin: int = 4) -> float:
+    """Mean over the scene's visible objects of their own-colour IoU (see ``_own_colour_iou``): layout control.
+
+    1 when every object's pixels (and only they) stand out from their surroundings in the generated
+    image's own colours; 0 for an image with no structure (exact ties go to the room). No object -> nan.
+    """
+    return _mean_object_iou(generated, scene, None, margin, "region_iou")
+
+
+def boundary_f1(generated: np.ndarray, scene: Scene, tolerance: int = 2) -> float:
+    """Edge F1 of the generated image's Canny edges against the scene's exact object boundaries.
+
+    The boundaries come from the world's geometry, not from an edge detector on the ground-truth
+    image, so shading and texture edges of the ground truth do not count as structure to follow.
+    """
+    gen = _check_rgb(generated, scene, "boundary_f1")
+    return edge_f1(canny_edges(gen.astype(np.uint8)), np.asarray(scene.boundaries) > 0, tolerance)
+
+
+def figure_iou(generated: np.ndarray, scene: Scene, margin: int = 4) -> float:
+    """``region_iou`` over the people only: does the generated figure follow the skeleton.
+
+    Pose constrains the figure, so the other objects of the scene must not dominate its score; each
+    person is judged inside its own box. No visible person -> nan.
+    """
+    return _mean_object_iou(generated, scene, {"person"}, margin, "figure_iou")
 
 
 # -- aggregation ---------------------------------------------------------------------------------------
