@@ -125,7 +125,7 @@ def as_array(rows: list) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None)
-    parser.add_argument("--quick", action="store_true", help="a minutes-long smoke run (tiny budget, under outputs/)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (tiny budget, written under outputs/)")
     parser.add_argument("--shard", default=None, help="K/N: do only runs K, K+N, ...; write no report")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)

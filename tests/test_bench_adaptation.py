@@ -1,0 +1,71 @@
+"""bench/adaptation.py --quick on a tiny random model: sharded runs, cached resume, and statistics that add up."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import PYTHON, run_script
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_sd_dir, tmp_path_factory):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from metacontrol.controlnet import create_controlnet
+
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    perturbed = create_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"), 4)
+    with torch.no_grad():
+        for name, p in perturbed.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
+                p.normal_(0, 0.5)
+    perturbed.save_pretrained(root / "perturbed")
+    args = [PYTHON, "bench/adaptation.py", "--quick", f"pretrained_model_name_or_path={tiny_sd_dir}",
+            f"initialisations={{standard: null, perturbed: {root / 'perturbed'}}}", "conditions=[seg]",
+            "steps=[0, 2]", "auc_budget=2", "shots=[4]", "train_batch_size=2", "world.resolution=32",
+            f"output_dir={root / 'out'}", f"work_dir={root / 'work'}"]  # fmt: skip
+    shards = [run_script([*args, "--shard", f"{k}/2"]) for k in range(2)]
+    report = run_script(args)
+    return root, shards, report
+
+
+def test_shards_split_the_runs_and_the_report_reuses_them(bench):
+    root, shards, report = bench
+    fine_tuned = [s.stderr.count("fine-tuned shots-4/") for s in shards]
+    assert sum(fine_tuned) == 4 and min(fine_tuned) >= 1  # 2 initialisations x 2 seeds, split across shards
+    assert "fine-tuned" not in report.stderr  # everything came from the shards' cache
+    scores = sorted((root / "work/quick").rglob("scores-2.json"))
+    assert len(scores) == 4
+    for seed in (0, 1):  # each seed trained on its own shots: the runs differ
+        a = json.loads((root / f"work/quick/shots-4/seg/perturbed/seed-{seed}/scores-2.json").read_text())
+        assert len(a["control_score"]) == 4
+    assert (root / "out/adaptation-quick.md").read_text().startswith("### quick, 4 shots")
+    assert (root / "out/adaptation-quick.png").stat().st_size > 10_000
+
+
+def test_intervals_bracket_means_and_pairs_are_paired(bench):
+    root, _, _ = bench
+    results = json.loads((root / "out/adaptation-quick.json").read_text())
+    seg = results["regimes"]["4"]["seg"]
+    work = root / "work/quick"
+
+    def matrix(label):  # scores[seed, scene, step], rebuilt from the cached per-sample files
+        zero = json.loads((work / f"zero-shot/seg/{label}.json").read_text())["control_score"]
+        return np.array([[zero, json.loads((work / f"shots-4/seg/{label}/seed-{s}/scores-2.json").read_text())
+                          ["control_score"]] for s in (0, 1)], np.float64).transpose(0, 2, 1)
+
+    means = {lab: matrix(lab).mean(axis=(0, 1)) for lab in ("standard", "perturbed")}
+    for lab, mean in means.items():
+        for k, point in enumerate(seg["curves"][lab]["points"]):
+            assert point["estimate"] == pytest.approx(mean[k])
+            assert point["low"] <= point["estimate"] + 1e-12 and point["estimate"] <= point["high"] + 1e-12
+        assert seg["curves"][lab]["auc"]["estimate"] == pytest.approx((mean[0] + mean[1]) / 2)
+    # The standard initialisation adds nothing before training: exactly the floor, normalised to 0.
+    assert means["standard"][0] == pytest.approx(0.0, abs=1e-12)
+    diff = seg["paired_differences"]["standard - perturbed"]["points"]
+    assert [d["estimate"] for d in diff] == pytest.approx(list(means["standard"] - means["perturbed"]))
