@@ -74,10 +74,9 @@ class FreezeConfig:
 
     inner: FreezeSpec = "none"
     outer: FreezeSpec = "none"
-    finetune: FreezeSpec = "none"
 
     def __post_init__(self) -> None:
-        for phase in ("inner", "outer", "finetune"):
+        for phase in ("inner", "outer"):
             spec = getattr(self, phase)
             check(not isinstance(spec, str) or spec in PRESETS, phase, spec,
                   f"one of {', '.join(PRESETS)} or a list of glob patterns")
