@@ -1,4 +1,4 @@
-"""Validation grids during training: condition | generated, one row per task."""
+"""Validation grids during training: condition | generated | ground truth, one row per sample, with its prompt."""
 
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ from metacontrol.visual import save_grid
 logger = logging.getLogger(__name__)
 
 
-def validation_samples(cfg: MetaTrainConfig, data: dict[str, TaskData]) -> dict[str, tuple[list[np.ndarray], list[str]]]:
-    """Per task: held-out (val split) condition maps and captions; the first samples of real data."""
+def validation_samples(cfg: MetaTrainConfig, data: dict[str, TaskData]
+                       ) -> dict[str, tuple[list[np.ndarray], list[str], list[np.ndarray]]]:
+    """Per task: held-out (val split) condition maps, captions and ground-truth images; the first samples of real data."""
     n = cfg.num_validation_images
     if cfg.data.source == "synthetic":
         pools = synthetic_pools(cfg.data.world, cfg.data.tasks, n, "val", show_progress=False)
@@ -28,7 +29,8 @@ def validation_samples(cfg: MetaTrainConfig, data: dict[str, TaskData]) -> dict[
     for task, task_data in data.items():
         batch = task_data.item_tensors(range(min(n, len(task_data))))
         maps = (batch["conditioning_pixel_values"] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        out[task] = (list(maps), list(batch["caption"]))
+        truths = ((batch["pixel_values"] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        out[task] = (list(maps), list(batch["caption"]), list(truths))
     return out
 
 
@@ -40,13 +42,14 @@ def log_validation(cfg: MetaTrainConfig, base: BaseModel, controlnet: torch.nn.M
         was_training = controlnet.training
         controlnet.eval()
         pipe = controlnet_pipeline(base, controlnet)
-        rows, labels = [], []
-        for task, (maps, captions) in validation_samples(cfg, data).items():
+        rows, labels, prompts = [], [], []
+        for task, (maps, captions, truths) in validation_samples(cfg, data).items():
             images = generate(pipe, captions, maps, seed=cfg.seed, steps=cfg.validation_inference_steps)
-            rows.append([tile for pair in zip(maps, images) for tile in pair])
-            labels.append(task)
-        columns = [label for _ in range(len(rows[0]) // 2) for label in ("condition", "generated")]
-        path = save_grid(Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png", rows, labels, columns)
+            rows += [list(sample) for sample in zip(maps, images, truths)]
+            labels += [task] * len(maps)
+            prompts += captions
+        path = save_grid(Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png", rows, labels,
+                         ["condition", "generated", "ground truth"], row_captions=prompts)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
                 from PIL import Image

@@ -8,6 +8,7 @@ import json
 import pytest
 from accelerate.state import AcceleratorState
 
+from tests.browser import render_in_chromium
 from tests.conftest import PYTHON, run_script
 
 
@@ -30,6 +31,8 @@ def evaluation(tiny_sd_dir, tmp_path_factory):
                 p.normal_(0, 0.5)
     perturbed.save_pretrained(root / "perturbed")
     out = root / "out"
+    out.mkdir()
+    (out / "grid_previous-run.png").write_bytes(b"stale")  # a grid of a previous run must not survive
     run_script([PYTHON, "train/evaluate.py", f"pretrained_model_name_or_path={tiny_sd_dir}",
                 f"controlnets=[{root / 'standard'}, {root / 'perturbed'}]", "conditions=[canny, seg]",
                 "world.resolution=32", "settings.num_samples=2", "settings.num_inference_steps=2",
@@ -48,6 +51,18 @@ def test_outputs_are_written(evaluation):
     assert [(r["checkpoint"], r["condition"]) for r in rows] == [
         ("standard", "canny"), ("standard", "seg"), ("perturbed", "canny"), ("perturbed", "seg")]
     assert "canny_f1" in report["results"]["standard"]["canny"]
+
+
+def test_report_opens_in_chromium(evaluation):
+    """report.html is self-contained: every image decodes in a real browser, and the tables are there."""
+    assert not (evaluation / "grid_previous-run.png").exists()
+    page = render_in_chromium(evaluation / "report.html")
+    # the control-score plot, then per checkpoint and condition 1 sample x (condition, generated, truth)
+    assert len(page["images"]) == 1 + 2 * 2 * 3
+    assert all(img["loaded"] for img in page["images"]), page["images"]
+    classes = [t["cls"] for t in page["tables"]]
+    assert classes.count("metrics") == 2 and classes.count("samples") == 4 and "settings" in classes
+    assert page["tables"][0]["rows"] == 4  # a row per checkpoint and condition
 
 
 def test_standard_initialisation_scores_exactly_the_floor(evaluation):

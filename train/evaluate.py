@@ -3,9 +3,11 @@
     python train/evaluate.py --config configs/evaluate_tiny.yaml [key=value ...]
     python train/evaluate.py controlnets='[checkpoints/meta-controlnet-tiny, outputs/finetune-normal]'
 
-Writes to ``output_dir``: metrics.json (every setting that fixed the generation, floor, ceiling and
+Writes to ``output_dir``: report.html (one self-contained page: metric tables, plot, sample grids
+with prompts, settings), metrics.json (every setting that fixed the generation, floor, ceiling and
 per-checkpoint metrics), metrics.csv (a row per checkpoint and condition), a PNG grid per checkpoint
-(condition | generated | ground truth) and, for several checkpoints, control_scores.png.
+(condition | generated | ground truth, with prompts) and, for several checkpoints, control_scores.png.
+The previous run's files of these names are removed first, so old grids never mix with new ones.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metacontrol.conditions import get_condition  # noqa: E402
@@ -27,10 +27,20 @@ from metacontrol.configuration import ConfigError, check, load_config  # noqa: E
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
+from metacontrol.eval.report import (  # noqa: E402
+    Sample,
+    Table,
+    clear_stale_outputs,
+    control_score_figure,
+    metrics_table,
+    save_figure,
+    write_report,
+)
 from metacontrol.models.base import load_base_model  # noqa: E402
 from metacontrol.visual import save_grid  # noqa: E402
 
 logger = logging.getLogger("evaluate")
+OUTPUTS = ("report.html", "metrics.json", "metrics.csv", "grid_*.png", "control_scores.png")
 
 
 @dataclass
@@ -50,29 +60,6 @@ class EvaluateConfig:
             get_condition(name)  # unknown names fail here, naming the known ones
 
 
-def plot_control_scores(results: dict[str, dict[str, dict[str, float]]], path: Path) -> Path:
-    """Grouped bars: control score per condition, one bar per checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    conditions = list(next(iter(results.values())))
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(conditions), 3.2))
-    width = 0.8 / len(results)
-    for i, (label, per_condition) in enumerate(results.items()):
-        xs = np.arange(len(conditions)) + i * width
-        ax.bar(xs, [per_condition[c]["control_score"] for c in conditions], width, label=label)
-    ax.set_xticks(np.arange(len(conditions)) + 0.4 - width / 2, conditions)
-    ax.set_ylabel("control score (0 = no ControlNet, 1 = ground truth)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
@@ -90,19 +77,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if stale := clear_stale_outputs(out, OUTPUTS):
+        logger.info("removed %d file(s) of the previous run in %s", len(stale), out)
     results: dict[str, dict[str, dict[str, float]]] = {}
+    samples: dict[str, list[Sample]] = {}
     for label, controlnet in controlnets.items():
-        results[label], rows, row_labels = {}, [], []
+        results[label], rows, row_labels, prompts = {}, [], [], []
         for condition in cfg.conditions:
             metrics, images = evaluator.evaluate(controlnet, condition)
             results[label][condition] = metrics
             logger.info("%s on %s: control score %.3f (%s)", label, condition, metrics["control_score"],
                         ", ".join(f"{m} {metrics[m]:.3f}" for m in control_metrics(condition)))
             eval_set = evaluator.eval_sets[condition]
-            for i in range(min(cfg.grid_samples, len(images))):
-                rows.append([eval_set.maps[i], images[i], eval_set.images[i]])
-                row_labels.append(condition)
-        save_grid(out / f"grid_{label}.png", rows, row_labels, ["condition", "generated", "ground truth"])
+            shown = range(min(cfg.grid_samples, len(images)))
+            rows += [[eval_set.maps[i], images[i], eval_set.images[i]] for i in shown]
+            row_labels += [condition] * len(shown)
+            prompts += [eval_set.captions[i] for i in shown]
+            samples[f"{label} / {condition}"] = [
+                Sample(eval_set.captions[i], eval_set.maps[i], images[i], eval_set.images[i]) for i in shown]
+        save_grid(out / f"grid_{label}.png", rows, row_labels, ["condition", "generated", "ground truth"],
+                  row_captions=prompts)
 
     report = {
         "base_model": cfg.pretrained_model_name_or_path,
@@ -121,9 +115,19 @@ def main(argv: list[str] | None = None) -> dict:
         for label, per in results.items():
             for condition, metrics in per.items():
                 writer.writerow([label, condition, *(f"{metrics.get(k, float('nan')):.4f}" for k in keys)])
+    figures = {}
     if len(results) > 1:
-        plot_control_scores(results, out / "control_scores.png")
-    print(f"evaluate: {len(results)} checkpoint(s) x {len(cfg.conditions)} condition(s); results in {out}/metrics.json")
+        figures["control score per condition"] = save_figure(control_score_figure(results), out / "control_scores.png")
+    bounds = Table("floor (no ControlNet) and ceiling (ground truth through the VAE)",
+                   ["condition", "metric", "floor", "ceiling"],
+                   [[c, m, report["floor"][c][m], report["ceiling"][c][m]]
+                    for c, ms in report["control_metrics"].items() for m in ms])
+    html = write_report(out, "evaluation", settings={"base_model": cfg.pretrained_model_name_or_path,
+                                                     "controlnets": cfg.controlnets, "settings": report["settings"],
+                                                     "world": report["world"]},
+                        tables=[metrics_table("metrics", results), bounds], samples=samples, figures=figures)
+    print(f"evaluate: {len(results)} checkpoint(s) x {len(cfg.conditions)} condition(s); results in "
+          f"{out}/metrics.json; open {html}")
     return report
 
 
