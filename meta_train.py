@@ -3,7 +3,7 @@
     accelerate launch meta_train.py [--config configs/meta_tiny.yaml] [key=value ...]
 
 With no arguments it meta-trains against the embedded tiny base model on the synthetic world
-(canny, hed, depth, pose) and writes a diffusers ControlNet folder to checkpoints/meta-controlnet-tiny.
+(canny, hed, depth, pose) and writes a diffusers ControlNet folder to outputs/meta-controlnet-tiny.
 The loop below is the whole algorithm; the pieces it calls each do one job.
 """
 

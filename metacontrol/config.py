@@ -87,7 +87,7 @@ class MetaTrainConfig:
     pretrained_model_name_or_path: str = "checkpoints/tiny-sd"
     revision: str | None = None
     controlnet_model_name_or_path: str | None = None  # start from this ControlNet instead of from_unet
-    output_dir: str = "checkpoints/meta-controlnet-tiny"
+    output_dir: str = "outputs/meta-controlnet-tiny"
     seed: int = 0
     resolution: int = 64
     data: DataConfig = field(default_factory=DataConfig)

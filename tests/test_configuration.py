@@ -167,6 +167,8 @@ def test_meta_tiny_yaml_loads_into_meta_train_config() -> None:
     assert config.meta.inner_learning_rate == pytest.approx(5e-4)
     assert config.freeze.inner == "none"
     assert config.mixed_precision is None and config.checkpoints_total_limit == 2
+    # The demo must never rewrite the committed checkpoints: its output (and the built-in default) is under outputs/.
+    assert config.output_dir.startswith("outputs/") and MetaTrainConfig().output_dir.startswith("outputs/")
     tweaked = load_config(
         MetaTrainConfig,
         REPO / "configs" / "meta_tiny.yaml",
