@@ -23,8 +23,9 @@ from metacontrol.config import MetaTrainConfig
 from metacontrol.configuration import ConfigError, load_config, save_config
 from metacontrol.controlnet import create_controlnet
 from metacontrol.data.sampler import TaskSampler
+from metacontrol.lora import add_lora, controlnet_of
 from metacontrol.meta.algorithms import MetaLearner
-from metacontrol.meta.freezing import freeze_table, trainable_parameters
+from metacontrol.meta.freezing import freeze_table, set_requires_grad, trainable_parameters
 from metacontrol.objective import ControlNetObjective
 from metacontrol.training import (
     NonFiniteLossError,
@@ -64,20 +65,29 @@ def main(argv: list[str] | None = None) -> Path:
     controlnet = create_controlnet(base.unet, base.vae_scale_factor, cfg.controlnet_model_name_or_path)
     configure_attention(cfg, controlnet, base)
     controlnet.to(accelerator.device, dtype=torch.float32).train()
-    inner_params = trainable_parameters(controlnet, cfg.freeze.inner, "freeze.inner")
-    outer_params = trainable_parameters(controlnet, cfg.freeze.outer, "freeze.outer")
-    logger.info("ControlNet parameters per phase:\n%s",
-                freeze_table(controlnet, {"inner": cfg.freeze.inner, "outer": cfg.freeze.outer}))
+    if cfg.meta.lora_rank:  # a meta-learned LoRA start: only adapters and zero convolutions train, in both loops
+        model: torch.nn.Module = add_lora(controlnet, rank=cfg.meta.lora_rank, alpha=cfg.meta.lora_alpha)
+        inner_params = outer_params = [p for p in model.parameters() if p.requires_grad]
+        logger.info("LoRA rank %d: %s of %s parameters train", cfg.meta.lora_rank,
+                    f"{sum(p.numel() for p in inner_params):,}", f"{sum(p.numel() for p in controlnet.parameters()):,}")
+    else:
+        model = controlnet
+        inner_params = trainable_parameters(controlnet, cfg.freeze.inner, "freeze.inner")
+        outer_params = trainable_parameters(controlnet, cfg.freeze.outer, "freeze.outer")
+        set_requires_grad(controlnet, inner_params + outer_params)  # frozen in both phases: no backward, no .grad
+        logger.info("ControlNet parameters per phase:\n%s",
+                    freeze_table(controlnet, {"inner": cfg.freeze.inner, "outer": cfg.freeze.outer}))
 
     # -- data, episodes, objective --------------------------------------------------------------------
     data = build_task_data(cfg, base, accelerator)
     sampler = TaskSampler(cfg.data.tasks, {t: len(d) for t, d in data.items()}, cfg.meta.tasks_per_meta_step,
                           cfg.meta.inner_steps, cfg.meta.support_batch_size, cfg.meta.query_batch_size, cfg.seed,
                           accelerator.process_index, accelerator.num_processes)
-    objective = ControlNetObjective(base, controlnet, weight_dtype, accelerator.autocast)
+    objective = ControlNetObjective(base, model, weight_dtype, accelerator.autocast)
     grad_scaler = torch.amp.GradScaler(accelerator.device.type) if accelerator.mixed_precision == "fp16" else None
     learner = MetaLearner(inner_params, outer_params, cfg.meta.algorithm, cfg.meta.inner_optimizer,
-                          cfg.meta.inner_learning_rate, cfg.meta.max_grad_norm, grad_scaler)
+                          cfg.meta.inner_learning_rate, cfg.meta.max_grad_norm, grad_scaler,
+                          inner_betas=tuple(cfg.meta.inner_betas))
     reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
 
     # -- outer optimiser (the only optimiser for `joint`) ---------------------------------------------
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
     progress = TrainingProgress()
     # Not `prepare`d on purpose: DDP would all-reduce the inner loop's gradients across *different*
     # tasks. The meta-gradient is averaged by hand, once per meta-step (MetaLearner.finish).
-    for obj in (controlnet, outer_optimizer, lr_scheduler, progress):
+    for obj in (model, outer_optimizer, lr_scheduler, progress):
         accelerator.register_for_checkpointing(obj)
 
     resume = resolve_resume_path(cfg.resume_from_checkpoint, output_dir)
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> Path:
     while progress.meta_step < cfg.meta.max_meta_steps:
         episodes = sampler.episodes(progress.meta_step)
         logs = {}
-        failure: NonFiniteLossError | None = None
+        failure: FloatingPointError | None = None  # a NonFiniteLossError, or a gradient overflowing at scale 1
         try:
             if joint:  # inner_steps plain steps, each on one batch of every task: same data budget
                 for k in range(cfg.meta.inner_steps):
@@ -142,7 +152,7 @@ def main(argv: list[str] | None = None) -> Path:
                     logs[f"inner_loss/{e.task}"] = sum(inner) / len(inner)
                     if query is not None:
                         logs[f"query_loss/{e.task}"] = query
-        except NonFiniteLossError as err:
+        except FloatingPointError as err:
             learner.snapshot.restore()
             failure = err
         # Every process learns of a failure anywhere before the collective below (no deadlock).
@@ -165,10 +175,10 @@ def main(argv: list[str] | None = None) -> Path:
         if progress.meta_step % cfg.checkpointing_steps == 0 or progress.meta_step == cfg.meta.max_meta_steps:
             save_training_state(accelerator, output_dir, progress.meta_step, cfg.checkpoints_total_limit)
         if cfg.validation_steps and progress.meta_step % cfg.validation_steps == 0:
-            log_validation(cfg, base, controlnet, accelerator, progress.meta_step, data)
+            log_validation(cfg, base, controlnet_of(model), accelerator, progress.meta_step, data)
     bar.close()
 
-    final = save_final_controlnet(cfg, controlnet, accelerator, progress.meta_step, logs)
+    final = save_final_controlnet(cfg, model, accelerator, progress.meta_step, logs)
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"meta_train: {cfg.meta.algorithm} over {', '.join(cfg.data.tasks)} for {progress.meta_step} meta-steps "

@@ -53,6 +53,9 @@ class AdaptationBenchConfig:
     initialisations: dict = field(default_factory=lambda: {
         "standard": None, "joint": "checkpoints/joint-controlnet-tiny",
         "reptile": "checkpoints/meta-controlnet-tiny", "fomaml": "checkpoints/fomaml-controlnet-tiny"})
+    # label -> extra train/finetune.py key=value overrides for that initialisation's runs (after the common
+    # ones), e.g. a LoRA start: [mode=lora, lora_init=.../lora, controlnet_model_name_or_path=<its base>].
+    finetune_overrides: dict = field(default_factory=dict)
     conditions: list[str] = field(default_factory=lambda: ["scribble", "normal", "seg"])
     steps: list[int] = field(default_factory=lambda: [0, 25, 50, 100, 200])
     shots: list[int] = field(default_factory=lambda: [16])  # shot regimes; 16 is the few-shot recipe users run
@@ -63,6 +66,7 @@ class AdaptationBenchConfig:
     settings: EvalSettings = field(default_factory=EvalSettings)
     thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5])  # absolute control scores
     auc_budget: int = 100  # the mission's budget: mean control score over steps 0..100
+    paired_reference: str | None = None  # paired differences against this label only; null: every pair
     bootstrap_resamples: int = 2000
     output_dir: str = "bench/results"
     work_dir: str = "outputs/bench-adaptation"
@@ -78,6 +82,13 @@ class AdaptationBenchConfig:
               f"a list of regimes, each >= train_batch_size ({self.train_batch_size})")
         check(all(0 < t <= 1 for t in self.thresholds), "thresholds", self.thresholds, "control scores in (0, 1]")
         check(len(self.initialisations) >= 1, "initialisations", self.initialisations, "at least one label: folder")
+        check(self.paired_reference is None or self.paired_reference in self.initialisations, "paired_reference",
+              self.paired_reference, f"null or one of {', '.join(self.initialisations)}")
+        check(set(self.finetune_overrides) <= set(self.initialisations), "finetune_overrides",
+              sorted(set(self.finetune_overrides) - set(self.initialisations)), "labels of initialisations only")
+        check(all(isinstance(v, list) and all(isinstance(o, str) and "=" in o for o in v)
+                  for v in self.finetune_overrides.values()), "finetune_overrides", self.finetune_overrides,
+              "a mapping of label -> list of key=value strings")
 
 
 QUICK = ["steps=[0, 5, 10]", "shots=[8]", "seeds=[0, 1]", "conditions=[scribble, pose]", "settings.num_samples=4",
@@ -85,8 +96,9 @@ QUICK = ["steps=[0, 5, 10]", "shots=[8]", "seeds=[0, 1]", "conditions=[scribble,
          "output_dir=outputs/bench-quick", "work_dir=outputs/bench-quick/work"]
 
 
-def finetune(cfg: AdaptationBenchConfig, init: str | None, condition: str, shots: int, seed: int, out: Path) -> None:
+def finetune(cfg: AdaptationBenchConfig, label: str, condition: str, shots: int, seed: int, out: Path) -> None:
     """One fine-tuning run in its own process, saving the ControlNet at every evaluated step count."""
+    init = cfg.initialisations[label]
     save_steps = [s for s in cfg.steps if s > 0]
     args = [
         sys.executable, str(REPO / "train/finetune.py"), "--config", str(REPO / "configs/finetune_tiny.yaml"),
@@ -97,7 +109,7 @@ def finetune(cfg: AdaptationBenchConfig, init: str | None, condition: str, shots
         f"learning_rate={cfg.learning_rate}", f"seed={seed}", f"save_steps={json.dumps(save_steps)}",
         "validation_steps=0", "report_to=none", "mode=full", f"checkpointing_steps={cfg.steps[-1]}",
         f"resolution={cfg.world.resolution}", f"world.resolution={cfg.world.resolution}",
-        f"num_threads={cfg.num_threads}",
+        f"num_threads={cfg.num_threads}", *cfg.finetune_overrides.get(label, []),
     ]  # fmt: skip
     subprocess.run(args, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
 
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if not all((run_dir / f"scores-{s}.json").is_file() for s in cfg.steps[1:]):
             if not all((run_dir / f"step-{s}" / "config.json").is_file() for s in cfg.steps[1:]):
                 t = time.time()
-                finetune(cfg, cfg.initialisations[label], condition, shots, seed, run_dir)
+                finetune(cfg, label, condition, shots, seed, run_dir)
                 logger.info("fine-tuned %s in %.1f min", run_key(*job), (time.time() - t) / 60)
             for step in cfg.steps[1:]:
                 s = score_folder(evaluator, base, str(run_dir / f"step-{step}"), condition, run_dir / f"scores-{step}.json")
@@ -215,7 +227,7 @@ def analyse(cfg: AdaptationBenchConfig, evaluator: Evaluator, work: Path) -> dic
                       for lab, m in matrices.items()}
             pairs = {f"{a} - {b}": asdict(paired_difference(matrices[a], matrices[b], cfg.steps, cfg.auc_budget,
                                                             resampler))
-                     for a, b in itertools.combinations(labels, 2)}
+                     for a, b in compared_pairs(cfg)}
             # the colour-based layout mIoU, a secondary column kept for comparison with earlier results
             layout = {lab: mean_curve(score_matrix(cfg, work, shots, condition, lab, "layout_miou")).tolist()
                       for lab in labels}
@@ -224,6 +236,14 @@ def analyse(cfg: AdaptationBenchConfig, evaluator: Evaluator, work: Path) -> dic
     return {"config": asdict(cfg), "control_metrics": {c: list(control_metrics(c)) for c in cfg.conditions},
             "floor": {c: evaluator.floor(c) for c in cfg.conditions},
             "ceiling": {c: evaluator.ceiling(c) for c in cfg.conditions}, "regimes": regimes}
+
+
+def compared_pairs(cfg: AdaptationBenchConfig) -> list[tuple[str, str]]:
+    """(A, B) pairs whose paired difference A - B is reported: against ``paired_reference``, or all of them."""
+    labels = list(cfg.initialisations)
+    if cfg.paired_reference is None:
+        return list(itertools.combinations(labels, 2))
+    return [(label, cfg.paired_reference) for label in labels if label != cfg.paired_reference]
 
 
 def plot_curves(results: dict, cfg: AdaptationBenchConfig, path: Path) -> Path:
@@ -266,23 +286,19 @@ def markdown_report(results: dict, cfg: AdaptationBenchConfig, plot: Path) -> st
     lines = []
     for shots in cfg.shots:
         regime = results["regimes"][str(shots)]
+        thresholds = [f"steps to {t:g}" for t in cfg.thresholds]
         lines += [f"### {cfg.name}, {shots} shots: control score, mean [95% CI over {n}]", "",
-                  "| condition | step | " + " | ".join(labels) + " |", "|---|---:|" + "---|" * len(labels)]
+                  f"Steps to a threshold: none = not within {cfg.steps[-1]}. AUC = mean score over steps "
+                  f"0-{cfg.auc_budget}.", "",
+                  "| condition | start | " + " | ".join(f"step {s}" for s in cfg.steps) + " | "
+                  + " | ".join(thresholds) + f" | AUC 0-{cfg.auc_budget} |",
+                  "|---|---|" + "---|" * (len(cfg.steps) + len(thresholds) + 1)]
         for c in cfg.conditions:
-            for k, step in enumerate(cfg.steps):
-                cells = [_cell(regime[c]["curves"][lab]["points"][k]) for lab in labels]
-                lines.append(f"| {c} | {step} | " + " | ".join(cells) + " |")
-        thresholds = " / ".join(f"{t:g}" for t in cfg.thresholds)
-        lines += ["", f"Steps to reach a control score of {thresholds} (none: not within {cfg.steps[-1]}) and the "
-                  f"mean score over steps 0-{cfg.auc_budget} (AUC):", "",
-                  "| condition | measure | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
-        for c in cfg.conditions:
-            curves = regime[c]["curves"]
-            for t in cfg.thresholds:
-                lines.append(f"| {c} | steps to {t:g} | "
-                             + " | ".join(_cell(curves[lab]["steps_to"][t], 0) for lab in labels) + " |")
-            lines.append(f"| {c} | AUC 0-{cfg.auc_budget} | " + " | ".join(_cell(curves[lab]["auc"]) for lab in labels)
-                         + " |")
+            for lab in labels:
+                curve = regime[c]["curves"][lab]
+                cells = ([_cell(p) for p in curve["points"]] + [_cell(curve["steps_to"][t], 0) for t in cfg.thresholds]
+                         + [_cell(curve["auc"])])
+                lines.append(f"| {c} | {lab} | " + " | ".join(cells) + " |")
         shown = [k for k, s in enumerate(cfg.steps) if s <= cfg.auc_budget]
         lines += ["", "Paired differences A - B (same seeds, scenes and noise), mean [95% CI]; * = the interval "
                   "excludes 0:", "", "| condition | A - B | " + " | ".join(f"step {cfg.steps[k]}" for k in shown)
@@ -293,6 +309,10 @@ def markdown_report(results: dict, cfg: AdaptationBenchConfig, plot: Path) -> st
                 lines.append(f"| {c} | {pair} | " + " | ".join(
                     _cell(x) + ("*" if x["low"] > 0 or x["high"] < 0 else "") for x in cells) + " |")
         lines.append("")
+    if cfg.finetune_overrides:
+        lines += ["Fine-tuning differs from the common recipe for: " + "; ".join(
+            f"{label}: {' '.join(o for o in overrides if not o.startswith('controlnet_model_name_or_path'))}"
+            for label, overrides in cfg.finetune_overrides.items()), ""]
     lines.append(f"Plot: {plot}")
     return "\n".join(lines)
 

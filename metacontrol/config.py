@@ -51,6 +51,7 @@ class MetaConfig:
     inner_steps: int = 4
     inner_optimizer: Literal["sgd", "adam"] = "adam"
     inner_learning_rate: float = 5e-4
+    inner_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # inner Adam; Reptile's authors: beta1 0
     support_batch_size: int = 8
     query_batch_size: int = 8
     outer_optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -59,13 +60,29 @@ class MetaConfig:
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    # > 0: meta-learn a LoRA start instead: the ControlNet (controlnet_model_name_or_path, e.g. a joint one) stays
+    # as it is and only LoRA adapters of this rank plus the zero convolutions train, in both loops.
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # null: lora_rank
 
     def __post_init__(self) -> None:
         for key in ("max_meta_steps", "tasks_per_meta_step", "inner_steps", "support_batch_size", "query_batch_size"):
             check(getattr(self, key) >= 1, key, getattr(self, key), "a positive integer")
         check(self.inner_learning_rate > 0, "inner_learning_rate", self.inner_learning_rate, "> 0")
+        check(len(self.inner_betas) == 2 and all(0 <= b < 1 for b in self.inner_betas), "inner_betas",
+              self.inner_betas, "two numbers in [0, 1): Adam's beta1 and beta2")
         check(self.outer_learning_rate > 0, "outer_learning_rate", self.outer_learning_rate, "> 0")
         check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+        check(self.lora_rank >= 0, "lora_rank", self.lora_rank, ">= 0 (0: the whole ControlNet trains)")
+
+    def data_budget(self) -> tuple[int, str]:
+        """Samples seen and optimiser steps of a whole run, so recipes can be compared at equal budgets."""
+        tasks, steps, inner = self.tasks_per_meta_step, self.max_meta_steps, self.inner_steps
+        if self.algorithm == "joint":
+            return steps * inner * tasks * self.support_batch_size, f"{steps * inner:,} optimiser steps"
+        query = self.query_batch_size if self.algorithm == "fomaml" else 0
+        samples = steps * tasks * (inner * self.support_batch_size + query)
+        return samples, f"{steps * tasks * inner:,} inner + {steps:,} outer optimiser steps"
 
 
 @dataclass
@@ -114,6 +131,9 @@ class MetaTrainConfig:
         check(self.validation_steps >= 0, "validation_steps", self.validation_steps, ">= 0 (0 disables)")
         check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit",
               self.checkpoints_total_limit, "null or a positive integer")
+        check(self.meta.lora_rank == 0 or self.freeze.inner == self.freeze.outer == "none", "freeze",
+              f"{self.freeze.inner} / {self.freeze.outer}",
+              "'none' for both phases when meta.lora_rank > 0 (the adapters and zero convolutions are what trains)")
         if self.data.source == "synthetic":
             check(self.data.world.resolution == self.resolution, "data.world.resolution",
                   self.data.world.resolution, f"equal to resolution ({self.resolution})")

@@ -13,15 +13,8 @@ from metacontrol.conditions import condition_names
 from metacontrol.config import DataConfig, FreezeSpec
 from metacontrol.configuration import check
 from metacontrol.data.world import WorldConfig
+from metacontrol.lora import LORA_FULLY_TRAINED, LORA_TARGET_MODULES
 from metacontrol.meta.freezing import PRESETS
-
-# Layers that get a LoRA in ``mode: lora``: attention projections and the convolutions of the resnets
-# and of the condition encoder. Globs over Linear/Conv2d names; ``to_q`` means ``*.to_q``.
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_in",
-                       "controlnet_cond_embedding.blocks.*"]  # fmt: skip
-# Layers trained fully in ``mode: lora``: every zero-initialised convolution (see train/finetune.py).
-LORA_FULLY_TRAINED = ["controlnet_down_blocks.*", "controlnet_mid_block",
-                      "controlnet_cond_embedding.conv_out"]  # fmt: skip
 
 
 @dataclass
@@ -46,6 +39,8 @@ class FinetuneConfig:
     max_train_steps: int = 100
     train_batch_size: int = 8  # per process, drawn without replacement from the shots every step
     learning_rate: float = 5e-4
+    adam_beta1: float = 0.9  # 0 is Reptile's choice (no momentum), for adapting a Reptile start as it was trained
+    adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = 0
@@ -56,6 +51,9 @@ class FinetuneConfig:
     lora_alpha: float | None = None  # null: lora_rank (scale 1)
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
     lora_modules_to_save: list[str] = field(default_factory=lambda: list(LORA_FULLY_TRAINED))
+    # A saved adapter to start from (the `lora/` folder of a meta-learned LoRA start) instead of a fresh LoRA;
+    # controlnet_model_name_or_path must then be the ControlNet it was trained on (its model card names it).
+    lora_init: str | None = None
     # -- machinery -------------------------------------------------------------------------------------------
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: whatever accelerate launch says
     gradient_checkpointing: bool = False
@@ -82,6 +80,8 @@ class FinetuneConfig:
               f"from 1 to shots ({self.shots}): a batch holds distinct examples")
         check(self.max_train_steps >= 0, "max_train_steps", self.max_train_steps, ">= 0")
         check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            check(0 <= getattr(self, key) < 1, key, getattr(self, key), "a number in [0, 1)")
         check(self.adam_weight_decay >= 0, "adam_weight_decay", self.adam_weight_decay, ">= 0")
         check(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, ">= 0")
         check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
@@ -89,6 +89,8 @@ class FinetuneConfig:
               f"one of {', '.join(PRESETS)} or a list of glob patterns")
         check(self.mode == "full" or self.freeze == "none", "freeze", self.freeze,
               "'none' in lora mode (LoRA picks its layers by lora_target_modules and lora_modules_to_save)")
+        check(self.lora_init is None or self.mode == "lora", "lora_init", self.lora_init,
+              "null unless mode is 'lora'")
         check(self.lora_rank >= 1, "lora_rank", self.lora_rank, "a positive integer")
         check(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "null or > 0")
         check(self.checkpointing_steps >= 1, "checkpointing_steps", self.checkpointing_steps,

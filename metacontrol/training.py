@@ -16,7 +16,7 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from metacontrol.checkpointing import atomic_directory
 from metacontrol.config import MetaTrainConfig
 from metacontrol.configuration import ConfigError, to_dict
-from metacontrol.controlnet import model_card, save_controlnet
+from metacontrol.controlnet import model_card
 from metacontrol.data.pools import DatasetTaskData, TaskData, synthetic_pools
 from metacontrol.data.sampler import Episode
 from metacontrol.models.base import BaseModel, load_base_model
@@ -183,11 +183,16 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, step: int, t
     return target
 
 
-def save_final_controlnet(cfg: MetaTrainConfig, controlnet: torch.nn.Module, accelerator: Accelerator,
+def save_final_controlnet(cfg: MetaTrainConfig, model: torch.nn.Module, accelerator: Accelerator,
                           meta_steps: int, last_logs: dict[str, float]) -> Path:
+    """The ControlNet (LoRA: merged, adapter in ``lora/``) with a card stating how it was made and at what budget."""
+    from metacontrol.lora import save_adapted  # noqa: PLC0415  (peft only when saving)
+
     output_dir = Path(cfg.output_dir)
     if accelerator.is_main_process:
         m = cfg.meta
+        samples, steps = m.data_budget()
+        start = cfg.controlnet_model_name_or_path
         card = model_card(
             f"metacontrol {m.algorithm} ControlNet initialisation",
             {
@@ -195,12 +200,17 @@ def save_final_controlnet(cfg: MetaTrainConfig, controlnet: torch.nn.Module, acc
                 "tasks (conditions)": ", ".join(cfg.data.tasks),
                 "data": cfg.data.source if cfg.data.source != "synthetic" else
                 f"synthetic world, {cfg.data.pool_size} scenes per task, {cfg.resolution} px",
-                "algorithm": m.algorithm,
+                "algorithm": m.algorithm + (f", LoRA start (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}; "
+                                            "adapters + zero convolutions train, adapter in lora/, merged here)"
+                                            if m.lora_rank else ""),
+                "started from": start or "from_unet (standard ControlNet initialisation)",
+                "data budget": f"{samples:,} samples, {steps}" + (f" (on top of {start}'s own)" if start else ""),
                 "meta-steps": meta_steps,
                 "tasks per meta-step": m.tasks_per_meta_step,
-                "inner loop": f"{m.inner_steps} x {m.inner_optimizer} lr {m.inner_learning_rate}, "
-                              f"batch {m.support_batch_size}",
-                "outer loop": f"{m.outer_optimizer} lr {m.outer_learning_rate}",
+                "inner loop": f"{m.inner_steps} x {m.inner_optimizer} lr {m.inner_learning_rate}"
+                              + (f" betas {tuple(m.inner_betas)}" if m.inner_optimizer == "adam" else "")
+                              + f", batch {m.support_batch_size}",
+                "outer loop": f"{m.outer_optimizer} lr {m.outer_learning_rate} ({m.lr_scheduler})",
                 "frozen (inner / outer)": f"{cfg.freeze.inner} / {cfg.freeze.outer}",
                 "mixed precision": accelerator.mixed_precision,
                 "seed": cfg.seed,
@@ -210,6 +220,6 @@ def save_final_controlnet(cfg: MetaTrainConfig, controlnet: torch.nn.Module, acc
             "(about 100 steps); edge-like conditions may work zero-shot. Metrics: see `train/evaluate.py` and "
             "BENCHMARKS.md of metacontrol.\n\n",
         )
-        save_controlnet(controlnet, output_dir, card)
+        save_adapted(model, output_dir, card)
     accelerator.wait_for_everyone()
     return output_dir

@@ -69,3 +69,24 @@ def test_intervals_bracket_means_and_pairs_are_paired(bench):
     assert means["standard"][0] == pytest.approx(0.0, abs=1e-12)
     diff = seg["paired_differences"]["standard - perturbed"]["points"]
     assert [d["estimate"] for d in diff] == pytest.approx(list(means["standard"] - means["perturbed"]))
+
+
+def test_paired_reference_limits_pairs_and_overrides_name_known_labels():
+    import sys
+
+    from metacontrol.configuration import ConfigError, load_config
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from adaptation import AdaptationBenchConfig, compared_pairs
+
+    three = "initialisations={a: null, b: x, c: y}"
+    assert compared_pairs(load_config(AdaptationBenchConfig, None, [three])) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert compared_pairs(load_config(AdaptationBenchConfig, None, [three, "paired_reference=b"])) == [
+        ("a", "b"), ("c", "b")]
+    with pytest.raises(ConfigError, match="paired_reference"):
+        load_config(AdaptationBenchConfig, None, [three, "paired_reference=d"])
+    with pytest.raises(ConfigError, match="finetune_overrides"):
+        load_config(AdaptationBenchConfig, None, [three, "finetune_overrides={d: [mode=lora]}"])
+    recipes = load_config(AdaptationBenchConfig, REPO / "configs/bench_recipes_default_split.yaml")
+    assert ("meta-lora", "joint") in compared_pairs(recipes)

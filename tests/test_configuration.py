@@ -195,3 +195,38 @@ def test_nested_section_validation_names_the_full_dotted_key() -> None:
     with pytest.raises(ConfigError) as info:
         load_config(MetaTrainConfig, None, ["resolution=8", "data.world.resolution=8"])
     assert "data.world.resolution" in str(info.value)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipe_configs_load_and_state_their_budget(recipe: Path) -> None:
+    """Every recipe loads; meta-recipes that start from scratch spend joint's budget of samples (19,200)."""
+    config = load_config(MetaTrainConfig, recipe)
+    assert config.output_dir.startswith("outputs/")
+    samples, _ = config.meta.data_budget()
+    assert samples == 19_200 * (3 if "3x" in recipe.stem else 1)
+
+
+def test_data_budget_counts_samples_and_optimiser_steps() -> None:
+    meta = load_config(MetaTrainConfig, None, ["meta.algorithm=fomaml", "meta.max_meta_steps=10",
+                                                "meta.tasks_per_meta_step=2", "meta.inner_steps=3",
+                                                "meta.support_batch_size=4", "meta.query_batch_size=5"]).meta
+    assert meta.data_budget() == (10 * 2 * (3 * 4 + 5), "60 inner + 10 outer optimiser steps")
+    joint = load_config(MetaTrainConfig, None, ["meta.algorithm=joint", "meta.max_meta_steps=10",
+                                                 "meta.inner_steps=3", "meta.support_batch_size=4"]).meta
+    assert joint.data_budget() == (10 * 3 * 2 * 4, "30 optimiser steps")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("meta.inner_betas=[1.0, 0.999]", "meta.inner_betas"),
+    ("meta.inner_betas=[0.9]", "meta.inner_betas"),
+    ("meta.lora_rank=-1", "meta.lora_rank"),
+])  # fmt: skip
+def test_new_meta_keys_are_validated(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(MetaTrainConfig, None, [override])
+
+
+def test_lora_start_refuses_freezing() -> None:
+    with pytest.raises(ConfigError, match="freeze") as info:
+        load_config(MetaTrainConfig, None, ["meta.lora_rank=4", "freeze.inner=paper"])
+    assert "lora_rank" in str(info.value)

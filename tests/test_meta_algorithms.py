@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from metacontrol.meta.algorithms import MetaLearner, ParameterSnapshot
+from metacontrol.meta.freezing import set_requires_grad, trainable_parameters
 
 
 def _quadratic(params, target: torch.Tensor) -> torch.Tensor:
@@ -130,3 +132,104 @@ def test_meta_gradient_is_one_flat_buffer():
     flat = learner.meta_grad_flat
     assert flat.numel() == sum(p.numel() for p in params)
     assert all(g.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for g in learner.meta_grad)
+
+
+def test_inner_adam_with_beta1_zero_matches_hand_computation():
+    """Reptile's authors' inner Adam (beta1 = 0): the step is lr * g_t / (sqrt(v_t / (1 - b2^t)) + eps)."""
+    lr, b2, eps = 0.05, 0.9, 1e-8
+    params = _model()
+    learner = MetaLearner(params, params, "reptile", "adam", lr, max_grad_norm=None, inner_betas=(0.0, b2))
+    learner.begin()
+    learner.adapt([lambda: _quadratic(params, TARGETS[0])] * 2)
+    w, v = _model()[0].detach().clone(), torch.zeros(3)
+    for t in (1, 2):
+        g = 2 * (w - TARGETS[0])
+        v = b2 * v + (1 - b2) * g**2
+        w = w - lr * g / ((v / (1 - b2**t)).sqrt() + eps)
+    torch.testing.assert_close(params[0].detach(), w, rtol=0, atol=1e-6)
+
+
+def test_linear_annealed_reptile_outer_steps_match_hand_computation():
+    """Meta step size annealed linearly to 0 (lr_scheduler: linear): theta_k+1 = theta_k + eps (1 - k/T) (mean phi - theta_k)."""
+    from diffusers.optimization import get_scheduler
+
+    params, total, eps = _model(), 3, 1.0
+    learner = MetaLearner(params, params, "reptile", "sgd", LR, max_grad_norm=None)
+    outer = torch.optim.SGD(params, lr=eps)
+    schedule = get_scheduler("linear", outer, num_warmup_steps=0, num_training_steps=total)
+    theta = [p.detach().clone() for p in params]
+    for k in range(total):
+        learner.begin()
+        for target in TARGETS:
+            learner.adapt([lambda t=target: _quadratic(params, t)] * STEPS)
+            learner.accumulate()
+        learner.finish(len(TARGETS))
+        outer.step()
+        schedule.step()
+        phis = [_sgd_by_hand(theta, t) for t in TARGETS]
+        theta = [th + eps * (1 - k / total) * (sum(phi[i] for phi in phis) / 2 - th) for i, th in enumerate(theta)]
+        for p, th in zip(params, theta):
+            torch.testing.assert_close(p.detach(), th, rtol=0, atol=1e-6)
+    assert schedule.get_last_lr()[0] == 0.0
+
+
+@pytest.mark.parametrize("algorithm", ["fomaml", "joint"])
+def test_outer_gradients_through_grad_scaler_equal_unscaled_ones(algorithm):
+    """fp16's GradScaler on the FOMAML query / joint backward: scaled by a power of two and unscaled exactly."""
+    plain, _ = _run(algorithm) if algorithm == "fomaml" else (_joint(None), None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaled = _run_fomaml_with(scaler) if algorithm == "fomaml" else _joint(scaler)
+    for a, b in zip(plain, scaled):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_grad_scaler_overflow_backs_off_and_recomputes_the_same_gradient():
+    """A query gradient that overflows at the current scale is recomputed at a lower one, not dropped."""
+    def query_gradient(scaler: torch.amp.GradScaler | None) -> list[torch.Tensor]:
+        params = _model()
+        learner = MetaLearner(params, params, "fomaml", "sgd", LR, max_grad_norm=None, grad_scaler=scaler)
+        learner.begin()
+        learner.adapt([])  # no inner step: the scaler meets its first inf in the query backward
+        learner.accumulate(lambda: _quadratic(params, QUERY_TARGETS[0]))
+        learner.finish(1)
+        return [p.grad for p in params]
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=0.5)
+    scaled = query_gradient(scaler)
+    assert scaler.get_scale() < 2.0**127  # 2 * |w - q| * 2^127 overflowed fp32 and the scale backed off
+    for a, b in zip(query_gradient(None), scaled):
+        assert torch.equal(a, b)
+
+
+def _run_fomaml_with(scaler: torch.amp.GradScaler) -> list[torch.nn.Parameter]:
+    params = _model()
+    learner = MetaLearner(params, params, "fomaml", "sgd", LR, max_grad_norm=None, grad_scaler=scaler)
+    learner.begin()
+    for target, query_target in zip(TARGETS, QUERY_TARGETS):
+        learner.adapt([lambda t=target: _quadratic(params, t)] * STEPS)
+        learner.accumulate(lambda q=query_target: _quadratic(params, q))
+    learner.finish(total_tasks=len(TARGETS))
+    return params
+
+
+def _joint(scaler: torch.amp.GradScaler | None) -> list[torch.nn.Parameter]:
+    params = _model()
+    learner = MetaLearner(params, params, "joint", "sgd", LR, max_grad_norm=None, grad_scaler=scaler)
+    learner.joint_step([lambda t=t: _quadratic(params, t) for t in TARGETS], total_tasks=2)
+    return params
+
+
+def test_parameters_frozen_in_both_phases_get_no_gradient():
+    """requires_grad is off for weights no phase trains: no backward into them, no .grad kept."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    inner = trainable_parameters(model, ["0.*"], "freeze.inner")
+    outer = trainable_parameters(model, ["0.*"], "freeze.outer")
+    set_requires_grad(model, inner + outer)
+    learner = MetaLearner(inner, outer, "fomaml", "sgd", LR, max_grad_norm=None)
+    x = torch.randn(4, 3)
+    learner.begin()
+    learner.adapt([lambda: model(x).pow(2).mean()] * 2)
+    learner.accumulate(lambda: model(x).pow(2).mean())
+    learner.finish(1)
+    assert all(not p.requires_grad and p.grad is None for p in model[0].parameters())
+    assert all(p.grad is not None for p in model[1].parameters())

@@ -12,33 +12,28 @@ GPUs this is plain data parallelism: every process draws its own batch of the sa
 from __future__ import annotations
 
 import argparse
-import copy
-import fnmatch
 import logging
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel
 from diffusers.optimization import get_scheduler
-from peft import LoraConfig, PeftModel, get_peft_model
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metacontrol.cache import attach_encodings  # noqa: E402
-from metacontrol.checkpointing import atomic_directory  # noqa: E402
 from metacontrol.configuration import ConfigError, load_config, save_config  # noqa: E402
-from metacontrol.controlnet import create_controlnet, model_card, save_controlnet  # noqa: E402
+from metacontrol.controlnet import create_controlnet, model_card  # noqa: E402
 from metacontrol.data.datasets import ImageFolderDataset  # noqa: E402
 from metacontrol.data.images import BadSampleError  # noqa: E402
 from metacontrol.data.pools import DatasetTaskData, TaskData, synthetic_pools  # noqa: E402
 from metacontrol.finetune_config import FinetuneConfig  # noqa: E402
+from metacontrol.lora import add_lora, controlnet_of, load_lora, save_adapted  # noqa: E402
 from metacontrol.meta.freezing import freeze_table, set_requires_grad, trainable_parameters  # noqa: E402
 from metacontrol.models.base import BaseModel  # noqa: E402
 from metacontrol.objective import ControlNetObjective  # noqa: E402
@@ -86,49 +81,11 @@ def few_shot_data(cfg: FinetuneConfig, base: BaseModel, show_progress: bool) -> 
     return data
 
 
-def matching_layers(controlnet: ControlNetModel, patterns: list[str], key: str) -> list[str]:
-    """Linear/Conv2d layers matching any glob (``to_q`` = ``*.to_q``); a pattern matching none is an error."""
-    layers = [n for n, m in controlnet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    found: set[str] = set()
-    for pattern in patterns:
-        hits = {n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in (pattern, f"*.{pattern}"))}
-        if not hits:
-            raise ConfigError(f"{key}: pattern {pattern!r} matches no Linear/Conv2d layer of the ControlNet")
-        found |= hits
-    return [n for n in layers if n in found]
-
-
-def add_lora(controlnet: ControlNetModel, cfg: FinetuneConfig) -> PeftModel:
-    """LoRA on ``lora_target_modules``; the layers of ``lora_modules_to_save`` train fully (peft copies them).
-
-    Those are the zero convolutions, and they must train fully: with the standard initialisation their
-    weight is 0, so no gradient reaches any layer before them (LoRA included) until they have moved,
-    and a LoRA on one (W + BA with W = 0) could only ever learn a rank-r map. They are 1x1 convs (plus
-    the condition encoder's last conv): about 3% of an SD-1.5 ControlNet.
-    """
-    full = matching_layers(controlnet, cfg.lora_modules_to_save, "lora_modules_to_save")
-    targets = matching_layers(controlnet, cfg.lora_target_modules, "lora_target_modules")
-    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, modules_to_save=full,
-                        # a regex, so that exactly these layers get an adapter (a name is also a suffix)
-                        target_modules="|".join(re.escape(n) for n in targets if n not in full))
-    return get_peft_model(controlnet, config)
-
-
 def step_batch(cfg: FinetuneConfig, step: int, process: int) -> tuple[list[int], torch.Generator]:
     """Sample indices and loss RNG of a step: functions of (seed, step, process), so resume is exact."""
     index_seed, noise_seed = np.random.SeedSequence([cfg.seed, step, process]).spawn(2)
     indices = np.random.default_rng(index_seed).choice(cfg.shots, cfg.train_batch_size, replace=False)
     return [int(i) for i in indices], torch.Generator().manual_seed(int(noise_seed.generate_state(1)[0]))
-
-
-def save_adapted(model: torch.nn.Module, folder: Path, card: str) -> Path:
-    """A plain diffusers ControlNet in ``folder``. LoRA: the adapter goes to ``folder/lora`` and the folder
-    holds it merged into (a copy of) the initialisation, so pipelines need neither peft nor the init."""
-    if isinstance(model, PeftModel):
-        with atomic_directory(folder / "lora") as tmp:
-            model.save_pretrained(tmp)
-        model = copy.deepcopy(model).merge_and_unload()
-    return save_controlnet(model, folder, card)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -153,14 +110,17 @@ def main(argv: list[str] | None = None) -> Path:
         set_requires_grad(controlnet, params)
         logger.info("ControlNet parameters:\n%s", freeze_table(controlnet, {"finetune": cfg.freeze}))
     else:
-        model = add_lora(controlnet, cfg)
+        model = (load_lora(controlnet, cfg.lora_init) if cfg.lora_init else
+                 add_lora(controlnet, rank=cfg.lora_rank, alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules,
+                          modules_to_save=cfg.lora_modules_to_save))
         params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     logger.info("%s: %s of %s ControlNet parameters train (%.1f%%)", cfg.mode, f"{trainable:,}", f"{total:,}",
                 100 * trainable / total)
 
     # -- optimiser; prepared the standard way: one task, so DDP's gradient averaging is what we want ---
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
@@ -177,8 +137,8 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator.init_trackers("metacontrol-finetune", config=flat_config(cfg))
 
     def card(steps: int) -> str:
-        lora = (f"lora (rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank}; zero convolutions "
-                f"trained fully; adapter in lora/, merged here)")
+        start = f"from {cfg.lora_init}" if cfg.lora_init else f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank}"
+        lora = f"lora ({start}; zero convolutions trained fully; adapter in lora/, merged here)"
         return model_card(f"metacontrol ControlNet for {cfg.condition}, adapted from {cfg.shots} examples", {
             "base model": cfg.pretrained_model_name_or_path,
             "initialisation": cfg.controlnet_model_name_or_path or "from_unet (standard ControlNet init)",
@@ -187,7 +147,8 @@ def main(argv: list[str] | None = None) -> Path:
             "steps": f"{steps} of {cfg.max_train_steps}",
             "mode": cfg.mode if cfg.mode == "full" else lora,
             "trainable parameters": f"{trainable:,} of {total:,}",
-            "optimiser": f"AdamW lr {cfg.learning_rate} ({cfg.lr_scheduler}), batch {cfg.train_batch_size} x "
+            "optimiser": f"AdamW lr {cfg.learning_rate} ({cfg.lr_scheduler}), betas ({cfg.adam_beta1}, "
+                         f"{cfg.adam_beta2}), batch {cfg.train_batch_size} x "
                          f"{accelerator.num_processes} process(es)",
             "frozen": cfg.freeze,
             "resolution": cfg.resolution,
@@ -233,9 +194,7 @@ def main(argv: list[str] | None = None) -> Path:
                 save_adapted(unwrapped(), output_dir / f"step-{step}", card(step))
             accelerator.wait_for_everyone()
         if cfg.validation_steps and step % cfg.validation_steps == 0:
-            inner = unwrapped()  # the pipeline wants a ControlNetModel: LoRA's, with its adapters inside
-            inner = inner.get_base_model() if isinstance(inner, PeftModel) else inner
-            log_validation(cfg, base, inner, accelerator, step, {cfg.condition: data})
+            log_validation(cfg, base, controlnet_of(unwrapped()), accelerator, step, {cfg.condition: data})
     bar.close()
 
     if accelerator.is_main_process:

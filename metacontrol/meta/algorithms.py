@@ -70,6 +70,8 @@ class MetaLearner:
         inner_learning_rate: float = 1e-4,
         max_grad_norm: float | None = 1.0,
         grad_scaler: torch.amp.GradScaler | None = None,
+        *,
+        inner_betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         if algorithm not in ("reptile", "fomaml", "joint"):
             raise ValueError(f"unknown algorithm {algorithm!r}; expected reptile, fomaml or joint")
@@ -78,6 +80,7 @@ class MetaLearner:
         self.outer_params = list(outer_params)
         self.inner_optimizer = inner_optimizer
         self.inner_learning_rate = inner_learning_rate
+        self.inner_betas = tuple(inner_betas)  # Reptile's authors use beta1 = 0: no momentum across inner steps
         self.max_grad_norm = max_grad_norm
         self.grad_scaler = grad_scaler
         # theta of every parameter that can move during a meta-step, and the meta-gradient buffer.
@@ -96,13 +99,38 @@ class MetaLearner:
         allocating the state once instead of per task (two parameter-sized buffers each time).
         """
         if self._inner is None:
-            cls = torch.optim.SGD if self.inner_optimizer == "sgd" else torch.optim.Adam
-            self._inner = cls(self.inner_params, lr=self.inner_learning_rate)
+            if self.inner_optimizer == "sgd":
+                self._inner = torch.optim.SGD(self.inner_params, lr=self.inner_learning_rate)
+            else:
+                self._inner = torch.optim.Adam(self.inner_params, lr=self.inner_learning_rate, betas=self.inner_betas)
         else:
             state = [t for per_param in self._inner.state.values() for t in per_param.values() if torch.is_tensor(t)]
             if state:
                 torch._foreach_zero_(state)
         return self._inner
+
+    def _gradients(self, loss_fn: Callable[[], torch.Tensor]) -> tuple[float, list[torch.Tensor]]:
+        """The loss and its fp32 gradient w.r.t. the outer parameters (zeros where unused).
+
+        Under fp16 the backward goes through the GradScaler, as the inner loop's does, so small gradients
+        do not flush to zero; the gradient is unscaled here, exactly (the scale is a power of two). On an
+        overflow the scale backs off and the loss is recomputed: the closures are seeded, so the retry sees
+        the same batch and noise. A gradient still non-finite at scale <= 1 is a real failure.
+        """
+        while True:
+            loss = loss_fn()
+            scaler = self.grad_scaler
+            scaled = scaler.scale(loss) if scaler is not None else loss
+            grads = torch.autograd.grad(scaled, self.outer_params, allow_unused=True)
+            inv_scale = 1.0 / scaler.get_scale() if scaler is not None else 1.0
+            grads = [g.float() * inv_scale if g is not None else torch.zeros_like(m)
+                     for g, m in zip(grads, self.meta_grad)]
+            if scaler is None or all(torch.isfinite(g).all() for g in grads):
+                return float(loss.detach()), grads
+            if scaler.get_scale() <= 1.0:
+                raise FloatingPointError(f"non-finite gradient of a finite loss ({float(loss.detach()):.4g}) "
+                                         "even at loss scale 1")
+            scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
 
     def _backward(self, loss: torch.Tensor) -> None:
         (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
@@ -159,11 +187,8 @@ class MetaLearner:
             if query_loss is None:
                 raise ValueError("fomaml needs a query loss")
             self._require_grad(self.outer_params, self.snapshot.params)
-            loss = query_loss()
-            grads = torch.autograd.grad(loss, self.outer_params, allow_unused=True)
-            torch._foreach_add_(self.meta_grad, [g.float() if g is not None else torch.zeros_like(m)
-                                                 for g, m in zip(grads, self.meta_grad)])
-            value = float(loss.detach())
+            value, grads = self._gradients(query_loss)
+            torch._foreach_add_(self.meta_grad, grads)
         else:
             raise ValueError("joint training does not accumulate meta-gradients; use joint_step")
         self.snapshot.restore()
@@ -186,10 +211,8 @@ class MetaLearner:
         self.meta_grad_flat.zero_()
         losses = []
         for task_loss in task_losses:
-            loss = task_loss()
-            grads = torch.autograd.grad(loss, self.outer_params, allow_unused=True)
-            torch._foreach_add_(self.meta_grad, [g.float() if g is not None else torch.zeros_like(m)
-                                                 for g, m in zip(grads, self.meta_grad)])
-            losses.append(float(loss.detach()))
+            loss, grads = self._gradients(task_loss)
+            torch._foreach_add_(self.meta_grad, grads)
+            losses.append(loss)
         self.finish(total_tasks, all_reduce_sum)
         return losses
