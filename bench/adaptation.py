@@ -14,6 +14,7 @@ fixed absolute control scores and the area under the curve over the first ``auc_
 Work is cached per run under ``work_dir`` (scores as JSON next to the fine-tuned checkpoints), so an
 interrupted benchmark resumes where it stopped, and ``--shard K/N`` splits the runs across processes
 (one per core): run the shards side by side, then once more without ``--shard`` to write the report.
+``--only LABEL,...`` runs some starts as soon as they exist; the report run then reuses their cache.
 """
 
 from __future__ import annotations
@@ -139,24 +140,27 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--quick", action="store_true", help="a smoke run (tiny budget, written under outputs/)")
     parser.add_argument("--shard", default=None, help="K/N: do only runs K, K+N, ...; write no report")
+    parser.add_argument("--only", default=None,
+                        help="LABEL[,LABEL...]: run only these starts (as soon as they exist); write no report")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(AdaptationBenchConfig, args.config, (QUICK if args.quick else []) + args.overrides)
     shard, shards = parse_shard(args.shard)
+    labels = parse_only(args.only, cfg)
     import torch
 
     torch.set_num_threads(cfg.num_threads)
     work, out = Path(cfg.work_dir) / cfg.name, Path(cfg.output_dir)
 
     base = load_base_model(cfg.pretrained_model_name_or_path).freeze()
-    for init in cfg.initialisations.values():  # every initialisation must fit the base before any work
-        if init is not None:
-            create_controlnet(base.unet, base.vae_scale_factor, init)
+    for label in labels:  # every initialisation must fit the base before any work
+        if cfg.initialisations[label] is not None:
+            create_controlnet(base.unet, base.vae_scale_factor, cfg.initialisations[label])
     start = time.time()
     evaluator = Evaluator(base, synthetic_eval_sets(cfg.conditions, cfg.world, cfg.settings), cfg.settings)
-    zero_shot = list(itertools.product(cfg.conditions, cfg.initialisations))
-    runs = list(itertools.product(cfg.shots, cfg.conditions, cfg.initialisations, cfg.seeds))
+    zero_shot = list(itertools.product(cfg.conditions, labels))
+    runs = list(itertools.product(cfg.shots, cfg.conditions, labels, cfg.seeds))
     jobs = [("zero", j) for j in zero_shot] + [("run", j) for j in runs]
     for number, (kind, job) in enumerate(jobs):
         if number % shards != shard:
@@ -175,9 +179,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             for step in cfg.steps[1:]:
                 s = score_folder(evaluator, base, str(run_dir / f"step-{step}"), condition, run_dir / f"scores-{step}.json")
                 logger.info("%s / step %d: control score %.3f", run_key(*job), step, np.nanmean(as_array(s["control_score"])))
-    if shards > 1:
-        logger.info("shard %d/%d done in %.1f min; run without --shard to write the report", shard, shards,
-                    (time.time() - start) / 60)
+    if shards > 1 or args.only:
+        logger.info("shard %d/%d of %s done in %.1f min; run without --shard and --only to write the report", shard,
+                    shards, ", ".join(labels), (time.time() - start) / 60)
         return None
     results = analyse(cfg, evaluator, work)
     results["wall_clock_minutes_this_invocation"] = (time.time() - start) / 60
@@ -188,6 +192,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     (out / f"adaptation-{cfg.name}.md").write_text(report + "\n")
     print(report)
     return results
+
+
+def parse_only(text: str | None, cfg: AdaptationBenchConfig) -> list[str]:
+    """The starts to run: all, or the ``--only`` subset (each must be a label of ``initialisations``)."""
+    if text is None:
+        return list(cfg.initialisations)
+    labels = [label.strip() for label in text.split(",") if label.strip()]
+    unknown = [label for label in labels if label not in cfg.initialisations]
+    if not labels or unknown:
+        raise ConfigError(f"--only: {text!r} names {', '.join(unknown) or 'no label'}; expected labels of "
+                          f"initialisations: {', '.join(cfg.initialisations)}")
+    return labels
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

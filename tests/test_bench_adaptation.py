@@ -71,14 +71,14 @@ def test_intervals_bracket_means_and_pairs_are_paired(bench):
     assert [d["estimate"] for d in diff] == pytest.approx(list(means["standard"] - means["perturbed"]))
 
 
-def test_paired_reference_limits_pairs_and_overrides_name_known_labels():
+def test_paired_reference_only_and_overrides_name_known_labels():
     import sys
 
     from metacontrol.configuration import ConfigError, load_config
     from tests.conftest import REPO
 
     sys.path.insert(0, str(REPO / "bench"))
-    from adaptation import AdaptationBenchConfig, compared_pairs
+    from adaptation import AdaptationBenchConfig, compared_pairs, parse_only
 
     three = "initialisations={a: null, b: x, c: y}"
     assert compared_pairs(load_config(AdaptationBenchConfig, None, [three])) == [("a", "b"), ("a", "c"), ("b", "c")]
@@ -88,5 +88,9 @@ def test_paired_reference_limits_pairs_and_overrides_name_known_labels():
         load_config(AdaptationBenchConfig, None, [three, "paired_reference=d"])
     with pytest.raises(ConfigError, match="finetune_overrides"):
         load_config(AdaptationBenchConfig, None, [three, "finetune_overrides={d: [mode=lora]}"])
+    assert parse_only(None, load_config(AdaptationBenchConfig, None, [three])) == ["a", "b", "c"]
+    assert parse_only("c, a", load_config(AdaptationBenchConfig, None, [three])) == ["c", "a"]
+    with pytest.raises(ConfigError, match="--only: 'a,z' names z"):
+        parse_only("a,z", load_config(AdaptationBenchConfig, None, [three]))
     recipes = load_config(AdaptationBenchConfig, REPO / "configs/bench_recipes_default_split.yaml")
     assert ("meta-lora", "joint") in compared_pairs(recipes)
