@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from metacontrol.checkpointing import atomic_files  # noqa: E402
-from metacontrol.configuration import ConfigError, check, load_config  # noqa: E402
+from metacontrol.configuration import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
@@ -135,15 +135,17 @@ def as_array(rows: list) -> np.ndarray:
     return np.array([np.nan if x is None else x for x in rows], np.float64)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = config_argument_parser(__doc__, None, "conditions=[normal]")
     parser.add_argument("--quick", action="store_true", help="a smoke run (tiny budget, written under outputs/)")
     parser.add_argument("--shard", default=None, help="K/N: do only runs K, K+N, ...; write no report")
     parser.add_argument("--only", default=None,
                         help="LABEL[,LABEL...]: run only these starts (as soon as they exist); write no report")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(AdaptationBenchConfig, args.config, (QUICK if args.quick else []) + args.overrides)
     shard, shards = parse_shard(args.shard)

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metacontrol.conditions import get_condition  # noqa: E402
-from metacontrol.configuration import ConfigError, check, load_config  # noqa: E402
+from metacontrol.configuration import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
@@ -60,11 +60,12 @@ class EvaluateConfig:
             get_condition(name)  # unknown names fail here, naming the known ones
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return config_argument_parser(__doc__, None, "settings.num_samples=8").parse_intermixed_args(argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
 
