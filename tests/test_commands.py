@@ -6,6 +6,8 @@ writes the wrong map, the wrong size or ignores a flag fails here.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,9 +17,21 @@ from metacontrol.commands import condition_map, generate_image, generate_main
 from metacontrol.conditions import get_condition, load_annotator
 from metacontrol.configuration import ConfigError
 from metacontrol.data.world import SceneWorld, WorldConfig
-from tests.conftest import PYTHON, run_script
+from tests.conftest import PYTHON, REPO, run_script
 
 CLI = [PYTHON, "-m", "metacontrol.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process generation on one thread, as the subprocesses run (OMP_NUM_THREADS=1): on a shared CPU
+    two threads of tiny matrices wait on each other and are many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _pixels(path) -> np.ndarray:
@@ -173,3 +187,22 @@ def test_generate_rejects_a_map_the_base_cannot_take(tmp_path, tiny_sd_dir, cont
     assert info.value.code == 1
     assert capsys.readouterr().err == f"metacontrol generate: error: {tmp_path / 'none.png'}: no such file\n"
     assert not (tmp_path / "o.png").exists()
+
+
+def test_readme_python_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's snippet, unedited, from a folder laid out like the repository after its fine-tune command.
+
+    The fine-tuned folder it loads is the shipped meta-learned ControlNet (same shape, no training here).
+    """
+    snippet = re.search(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    controlnet = re.search(r'ControlNetModel\.from_pretrained\("([^"]+)"\)', snippet).group(1)
+    (tmp_path / "checkpoints").symlink_to(REPO / "checkpoints")
+    if not (tmp_path / controlnet).exists():
+        (tmp_path / controlnet).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / controlnet).symlink_to(REPO / "checkpoints/meta-controlnet-tiny")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    image, normal_map = np.asarray(namespace["image"]), np.asarray(namespace["normal_map"])
+    assert image.shape == normal_map.shape == (64, 64, 3)
+    assert image.std() > 10  # a picture, not a blank
