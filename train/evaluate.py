@@ -29,7 +29,7 @@ from metacontrol.data.world import WorldConfig  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
 from metacontrol.eval.report import (  # noqa: E402
     Sample,
-    Table,
+    bounds_table,
     clear_stale_outputs,
     control_score_figure,
     metrics_table,
@@ -119,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {}
     if len(results) > 1:
         figures["control score per condition"] = save_figure(control_score_figure(results), out / "control_scores.png")
-    bounds = Table("floor (no ControlNet) and ceiling (ground truth through the VAE)",
-                   ["condition", "metric", "floor", "ceiling"],
-                   [[c, m, report["floor"][c][m], report["ceiling"][c][m]]
-                    for c, ms in report["control_metrics"].items() for m in ms])
+    bounds = bounds_table(report["control_metrics"], report["floor"], report["ceiling"])
     html = write_report(out, "evaluation", settings={"base_model": cfg.pretrained_model_name_or_path,
                                                      "controlnets": cfg.controlnets, "settings": report["settings"],
                                                      "world": report["world"]},
