@@ -247,8 +247,9 @@ def test_overrides_are_accepted_on_either_side_of_config(script: str) -> None:
 
 def test_bench_flags_mix_with_overrides() -> None:
     parse_args = runpy.run_path(str(REPO / "bench/adaptation.py"))["parse_args"]
-    args = parse_args(["--quick", "a=1", "--config", "c.yaml", "--shard", "1/2", "b=2"])
-    assert (args.quick, args.config, args.shard, args.overrides) == (True, "c.yaml", "1/2", ["a=1", "b=2"])
+    args = parse_args(["--quick", "a=1", "--config", "c.yaml", "--shard", "1/2", "b=2", "--only", "joint", "c=3"])
+    assert (args.quick, args.config, args.shard, args.only) == (True, "c.yaml", "1/2", "joint")
+    assert args.overrides == ["a=1", "b=2", "c=3"]
 
 
 def test_an_override_before_config_reaches_the_config() -> None:
