@@ -20,7 +20,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from metacontrol.config import MetaTrainConfig
-from metacontrol.configuration import ConfigError, load_config, save_config
+from metacontrol.configuration import ConfigError, config_argument_parser, load_config, save_config
 from metacontrol.controlnet import create_controlnet
 from metacontrol.data.sampler import TaskSampler
 from metacontrol.lora import add_lora, controlnet_of
@@ -47,10 +47,8 @@ logger = logging.getLogger("meta_train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/meta_tiny.yaml", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. meta.algorithm=fomaml")
-    return parser.parse_args(argv)
+    parser = config_argument_parser(__doc__, "configs/meta_tiny.yaml", "meta.algorithm=fomaml")
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -10,6 +10,8 @@ on the same held-out scenes with the same generation noise (step 0 = the initial
 zero-shot). Per point it reports the mean control score with a 95% bootstrap interval over scenes and
 seeds; per pair of initialisations the paired difference with its interval; per curve the steps to
 fixed absolute control scores and the area under the curve over the first ``auc_budget`` steps.
+The tables go to ``output_dir/adaptation-<name>.md`` (and .json, .png), and with the plot and every
+setting to a self-contained ``output_dir/adaptation-<name>/report.html``.
 
 Work is cached per run under ``work_dir`` (scores as JSON next to the fine-tuned checkpoints), so an
 interrupted benchmark resumes where it stopped, and ``--shard K/N`` splits the runs across processes
@@ -36,10 +38,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from metacontrol.checkpointing import atomic_files  # noqa: E402
-from metacontrol.configuration import ConfigError, check, load_config  # noqa: E402
+from metacontrol.configuration import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
+from metacontrol.eval.report import Table, bounds_table, markdown_table, write_report  # noqa: E402
 from metacontrol.eval.statistics import Interval, Resampler, mean_curve, paired_difference, summarise  # noqa: E402
 from metacontrol.models.base import load_base_model  # noqa: E402
 
@@ -135,15 +138,17 @@ def as_array(rows: list) -> np.ndarray:
     return np.array([np.nan if x is None else x for x in rows], np.float64)
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = config_argument_parser(__doc__, None, "conditions=[normal]")
     parser.add_argument("--quick", action="store_true", help="a smoke run (tiny budget, written under outputs/)")
     parser.add_argument("--shard", default=None, help="K/N: do only runs K, K+N, ...; write no report")
     parser.add_argument("--only", default=None,
                         help="LABEL[,LABEL...]: run only these starts (as soon as they exist); write no report")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(AdaptationBenchConfig, args.config, (QUICK if args.quick else []) + args.overrides)
     shard, shards = parse_shard(args.shard)
@@ -188,9 +193,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"adaptation-{cfg.name}.json").write_text(json.dumps(results, indent=2))
     plot = plot_curves(results, cfg, out / f"adaptation-{cfg.name}.png")
-    report = markdown_report(results, cfg, plot)
+    tables = report_tables(results, cfg)
+    report = markdown_report(tables, cfg, plot)
     (out / f"adaptation-{cfg.name}.md").write_text(report + "\n")
-    print(report)
+    html = write_report(out / f"adaptation-{cfg.name}", f"steps to control: {cfg.name}", settings=results["config"],
+                        tables=[*tables, bounds_table(results["control_metrics"], results["floor"], results["ceiling"])],
+                        figures={"control score per fine-tuning step (95% bootstrap band)": plot})
+    print(f"{report}\nReport: {html}")
     return results
 
 
@@ -296,42 +305,43 @@ def _cell(interval: dict, digits: int = 3) -> str:
     return Interval(**interval).format(digits)
 
 
-def markdown_report(results: dict, cfg: AdaptationBenchConfig, plot: Path) -> str:
+def report_tables(results: dict, cfg: AdaptationBenchConfig) -> list[Table]:
+    """Per shot regime: every curve (points, steps to the thresholds, AUC) and the paired differences."""
     labels = list(cfg.initialisations)
     n = f"{len(cfg.seeds)} seeds x {cfg.settings.num_samples} scenes"
-    lines = []
+    shown = [k for k, s in enumerate(cfg.steps) if s <= cfg.auc_budget]
+    tables = []
     for shots in cfg.shots:
-        regime = results["regimes"][str(shots)]
-        thresholds = [f"steps to {t:g}" for t in cfg.thresholds]
-        lines += [f"### {cfg.name}, {shots} shots: control score, mean [95% CI over {n}]", "",
-                  f"Steps to a threshold: none = not within {cfg.steps[-1]}. AUC = mean score over steps "
-                  f"0-{cfg.auc_budget}.", "",
-                  "| condition | start | " + " | ".join(f"step {s}" for s in cfg.steps) + " | "
-                  + " | ".join(thresholds) + f" | AUC 0-{cfg.auc_budget} |",
-                  "|---|---|" + "---|" * (len(cfg.steps) + len(thresholds) + 1)]
+        regime, name = results["regimes"][str(shots)], f"{cfg.name}, {shots} shots"
+        curves = []
         for c in cfg.conditions:
             for lab in labels:
                 curve = regime[c]["curves"][lab]
-                cells = ([_cell(p) for p in curve["points"]] + [_cell(curve["steps_to"][t], 0) for t in cfg.thresholds]
-                         + [_cell(curve["auc"])])
-                lines.append(f"| {c} | {lab} | " + " | ".join(cells) + " |")
-        shown = [k for k, s in enumerate(cfg.steps) if s <= cfg.auc_budget]
-        lines += ["", "Paired differences A - B (same seeds, scenes and noise), mean [95% CI]; * = the interval "
-                  "excludes 0:", "", "| condition | A - B | " + " | ".join(f"step {cfg.steps[k]}" for k in shown)
-                  + f" | AUC 0-{cfg.auc_budget} |", "|---|---|" + "---|" * (len(shown) + 1)]
-        for c in cfg.conditions:
-            for pair, diff in regime[c]["paired_differences"].items():
-                cells = [diff["points"][k] for k in shown] + [diff["auc"]]
-                lines.append(f"| {c} | {pair} | " + " | ".join(
-                    _cell(x) + ("*" if x["low"] > 0 or x["high"] < 0 else "") for x in cells) + " |")
-        lines.append("")
-    if cfg.finetune_overrides:
-        lines += ["Fine-tuning differs from the common recipe for: " + "; ".join(
-            f"{label}: {' '.join(o for o in overrides if not o.startswith('controlnet_model_name_or_path'))}"
-            for label, overrides in cfg.finetune_overrides.items()), ""]
-    lines.append(f"Plot: {plot}")
-    return "\n".join(lines)
+                curves.append([c, lab, *map(_cell, curve["points"]),
+                               *(_cell(curve["steps_to"][t], 0) for t in cfg.thresholds), _cell(curve["auc"])])
+        tables.append(Table(f"{name}: control score, mean [95% CI over {n}]",
+                            ["condition", "start", *(f"step {s}" for s in cfg.steps),
+                             *(f"steps to {t:g}" for t in cfg.thresholds), f"AUC 0-{cfg.auc_budget}"], curves,
+                            f"Steps to a threshold: none = not within {cfg.steps[-1]}. AUC = mean score over steps "
+                            f"0-{cfg.auc_budget}."))
+        pairs = [[c, pair, *(_cell(x) + ("*" if Interval(**x).excludes_zero() else "")
+                             for x in [*(diff["points"][k] for k in shown), diff["auc"]])]
+                 for c in cfg.conditions for pair, diff in regime[c]["paired_differences"].items()]
+        tables.append(Table(f"{name}: paired differences A - B (same seeds, scenes and noise), mean [95% CI]",
+                            ["condition", "A - B", *(f"step {cfg.steps[k]}" for k in shown), f"AUC 0-{cfg.auc_budget}"],
+                            pairs, "Starred (*) cells: the interval excludes 0."))
+    return tables
 
+
+def markdown_report(tables: list[Table], cfg: AdaptationBenchConfig, plot: Path) -> str:
+    """The tables as markdown, then the starts fine-tuned with their own recipe, then where the plot is."""
+    parts = [markdown_table(table) for table in tables]
+    if cfg.finetune_overrides:
+        parts.append("Fine-tuning differs from the common recipe for: " + "; ".join(
+            f"{label}: {' '.join(o for o in overrides if not o.startswith('controlnet_model_name_or_path'))}"
+            for label, overrides in cfg.finetune_overrides.items()))
+    parts.append(f"Plot: {plot}")
+    return "\n\n".join(parts)
 
 if __name__ == "__main__":
     try:

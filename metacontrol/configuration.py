@@ -6,6 +6,7 @@ because a typo in a config should cost seconds, not a crashed run an hour in.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -182,6 +183,20 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         return from_dict(cls, data)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+
+
+def config_argument_parser(description: str | None, default_config: str | None,
+                           example: str) -> argparse.ArgumentParser:
+    """The command line every script shares: ``--config FILE`` plus ``key=value`` overrides.
+
+    Parse it with ``parse_intermixed_args``, so overrides may stand on either side of ``--config``
+    (``a=1 --config f.yaml b=2``), as a user adding one to a copied command line expects.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML config (see configs/; default {default_config or 'the built-in defaults'})")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    return parser
 
 
 def check(condition: bool, key: str, value: Any, expected: str) -> None:

@@ -1,4 +1,5 @@
-"""bench/adaptation.py --quick on a tiny random model: sharded runs, cached resume, and statistics that add up."""
+"""bench/adaptation.py --quick on a tiny random model: sharded runs, cached resume, statistics that add up,
+and a report.html that a real headless browser renders."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from metacontrol.eval.statistics import Interval
+from tests.browser import render_in_chromium
 from tests.conftest import PYTHON, run_script
 
 
@@ -94,3 +97,24 @@ def test_paired_reference_only_and_overrides_name_known_labels():
         parse_only("a,z", load_config(AdaptationBenchConfig, None, [three]))
     recipes = load_config(AdaptationBenchConfig, REPO / "configs/bench_recipes_default_split.yaml")
     assert ("meta-lora", "joint") in compared_pairs(recipes)
+
+
+def test_report_html_beside_the_markdown_renders_the_plot_and_every_table(bench):
+    root, _, report = bench
+    path = root / "out/adaptation-quick/report.html"
+    assert f"Report: {path}" in report.stdout
+    page = render_in_chromium(path)
+    assert page["title"] == "steps to control: quick"
+    assert [(img["loaded"], img["width"] > 300) for img in page["images"]] == [(True, True)]  # the curves, embedded
+    metrics = [t for t in page["tables"] if t["cls"] == "metrics"]
+    # 1 condition x 2 starts; their 1 pair; seg's 2 control metrics with floor and ceiling
+    assert [t["rows"] for t in metrics] == [2, 1, 2]
+    assert metrics[0]["header"] == ["condition", "start", "step 0", "step 2", "steps to 0.3", "steps to 0.5", "AUC 0-2"]
+    assert metrics[1]["header"] == ["condition", "A - B", "step 0", "step 2", "AUC 0-2"]
+    settings = next(t for t in page["tables"] if t["cls"] == "settings")
+    assert settings["rows"] > 20  # every setting, nested ones flattened
+    results = json.loads((root / "out/adaptation-quick.json").read_text())
+    auc = Interval(**results["regimes"]["4"]["seg"]["curves"]["perturbed"]["auc"]).format(3)
+    html, markdown = path.read_text(), (root / "out/adaptation-quick.md").read_text()
+    assert f"<td>{auc}</td>" in html and f" | {auc} |" in markdown  # one table, two renderings
+    assert "initialisations.perturbed" in html and "settings.num_inference_steps" in html

@@ -5,6 +5,7 @@ A config typo should cost seconds, so every error path is checked for the words 
 
 from __future__ import annotations
 
+import runpy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -232,3 +233,29 @@ def test_lora_start_refuses_freezing() -> None:
     with pytest.raises(ConfigError, match="freeze") as info:
         load_config(MetaTrainConfig, None, ["meta.lora_rank=4", "freeze.inner=paper"])
     assert "lora_rank" in str(info.value)
+
+
+# Every script takes --config plus key=value overrides from the same parser.
+SCRIPTS = ("meta_train.py", "train/finetune.py", "train/evaluate.py", "train/pretrain_base.py", "bench/adaptation.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_overrides_are_accepted_on_either_side_of_config(script: str) -> None:
+    parse_args = runpy.run_path(str(REPO / script))["parse_args"]
+    args = parse_args(["a.b=1", "--config", "configs/x.yaml", "c=[1, 2]"])
+    assert args.config == "configs/x.yaml" and args.overrides == ["a.b=1", "c=[1, 2]"]
+    assert parse_args(["a.b=1"]).overrides == ["a.b=1"]
+
+
+def test_bench_flags_mix_with_overrides() -> None:
+    parse_args = runpy.run_path(str(REPO / "bench/adaptation.py"))["parse_args"]
+    args = parse_args(["--quick", "a=1", "--config", "c.yaml", "--shard", "1/2", "b=2", "--only", "joint", "c=3"])
+    assert (args.quick, args.config, args.shard, args.only) == (True, "c.yaml", "1/2", "joint")
+    assert args.overrides == ["a=1", "b=2", "c=3"]
+
+
+def test_an_override_before_config_reaches_the_config() -> None:
+    import meta_train
+
+    with pytest.raises(ConfigError, match=r"configs/meta_tiny\.yaml: meta\.algorithm: 'maml'"):
+        meta_train.main(["meta.algorithm=maml", "--config", "configs/meta_tiny.yaml", "resolution=64"])

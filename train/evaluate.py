@@ -23,13 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metacontrol.conditions import get_condition  # noqa: E402
-from metacontrol.configuration import ConfigError, check, load_config  # noqa: E402
+from metacontrol.configuration import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
 from metacontrol.eval.report import (  # noqa: E402
     Sample,
-    Table,
+    bounds_table,
     clear_stale_outputs,
     control_score_figure,
     metrics_table,
@@ -60,11 +60,12 @@ class EvaluateConfig:
             get_condition(name)  # unknown names fail here, naming the known ones
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return config_argument_parser(__doc__, None, "settings.num_samples=8").parse_intermixed_args(argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
 
@@ -118,10 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     figures = {}
     if len(results) > 1:
         figures["control score per condition"] = save_figure(control_score_figure(results), out / "control_scores.png")
-    bounds = Table("floor (no ControlNet) and ceiling (ground truth through the VAE)",
-                   ["condition", "metric", "floor", "ceiling"],
-                   [[c, m, report["floor"][c][m], report["ceiling"][c][m]]
-                    for c, ms in report["control_metrics"].items() for m in ms])
+    bounds = bounds_table(report["control_metrics"], report["floor"], report["ceiling"])
     html = write_report(out, "evaluation", settings={"base_model": cfg.pretrained_model_name_or_path,
                                                      "controlnets": cfg.controlnets, "settings": report["settings"],
                                                      "world": report["world"]},

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metacontrol.cache import attach_encodings  # noqa: E402
-from metacontrol.configuration import ConfigError, load_config, save_config  # noqa: E402
+from metacontrol.configuration import ConfigError, config_argument_parser, load_config, save_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet, model_card  # noqa: E402
 from metacontrol.data.datasets import ImageFolderDataset  # noqa: E402
 from metacontrol.data.images import BadSampleError  # noqa: E402
@@ -54,11 +54,8 @@ logger = logging.getLogger("finetune")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/finetune_tiny.yaml", help="YAML config (see configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. mode=lora shots=8")
-    return parser.parse_args(argv)
+    parser = config_argument_parser(__doc__, "configs/finetune_tiny.yaml", "mode=lora shots=8")
+    return parser.parse_intermixed_args(argv)
 
 
 def few_shot_data(cfg: FinetuneConfig, base: BaseModel, show_progress: bool) -> TaskData:

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metacontrol.checkpointing import atomic_directory, atomic_torch_save  # noqa: E402
-from metacontrol.configuration import check, load_config, save_config  # noqa: E402
+from metacontrol.configuration import check, config_argument_parser, load_config, save_config  # noqa: E402
 from metacontrol.data.world import SceneWorld, WorldConfig, vocabulary  # noqa: E402
 from metacontrol.models.tiny import (  # noqa: E402
     TinySDConfig,
@@ -245,11 +245,13 @@ def export_pipeline(cfg: PretrainConfig, vae, unet, text_encoder, tokenizer, sca
     return out
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = config_argument_parser(__doc__, "configs/pretrain_tiny.yaml", "unet.max_train_steps=100")
+    return parser.parse_intermixed_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/pretrain_tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. unet.max_train_steps=100")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     torch.set_num_threads(cfg.num_threads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,8 +33,24 @@ class AnnotatorSpec:
         return bool(self.weight_files)
 
 
+# What importing controlnet-aux prints that is not ours to fix and says nothing about this run: its
+# optional mediapipe extra, its re-registration of timm's tiny_vit models, timm's and torch's
+# deprecations of APIs that controlnet-aux (not this project) calls.
+_IMPORT_NOISE = (
+    (UserWarning, r"The module 'mediapipe' is not installed"),
+    (UserWarning, r"Overwriting tiny_vit_"),
+    (FutureWarning, r"Importing from timm\.models\.\w+ is deprecated"),
+    (FutureWarning, r"`torch\.jit\.script` is deprecated"),
+    (DeprecationWarning, r"Please import `\w+` from the `scipy\.ndimage` namespace"),
+)
+
+
 def _detector_class(spec: AnnotatorSpec) -> Any:
-    module = importlib.import_module(spec.module)
+    """Import the detector's class, silencing only controlnet-aux's known import-time warnings."""
+    with warnings.catch_warnings():
+        for category, message in _IMPORT_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        module = importlib.import_module(spec.module)
     return getattr(module, spec.class_name)
 
 

@@ -10,6 +10,7 @@ Conversion rules (``pil_to_rgb``, shared by image folders and Hugging Face datas
   ``convert`` clips them and turns almost every 16-bit photo white; float images (F) are taken as 0..1.
 * The shorter side is resized to ``resolution`` (Lanczos) and the centre is cropped to a square, as
   diffusers' ControlNet example does. Smaller images are upscaled, with one warning per file.
+  ``resolution=None`` keeps the image's own size (a photo annotated as it is).
 
 Bad samples (``on_bad_sample``): under ``"error"`` the first bad file raises a ``BadSampleError``
 naming it; under ``"skip"`` bad files are left out when a dataset is indexed, counted, logged and kept
@@ -91,10 +92,12 @@ def _to_rgb(image: Image.Image, source: str, background: tuple[int, int, int]) -
 
 
 def pil_to_rgb(
-    image: Image.Image, resolution: int, source: str = "<image>", background: tuple[int, int, int] = WHITE
+    image: Image.Image, resolution: int | None, source: str = "<image>", background: tuple[int, int, int] = WHITE
 ) -> np.ndarray:
     """A decoded Pillow image -> (resolution, resolution, 3) uint8 RGB; ``source`` names it in messages."""
     rgb = _to_rgb(ImageOps.exif_transpose(image), source, background)
+    if resolution is None:
+        return np.array(rgb)
     if min(rgb.size) < resolution and source not in _warned_small:
         _warned_small.add(source)
         logger.warning(
@@ -103,8 +106,10 @@ def pil_to_rgb(
     return np.array(ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS))
 
 
-def load_rgb(path: str | Path, resolution: int, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+def load_rgb(path: str | Path, resolution: int | None, background: tuple[int, int, int] = WHITE) -> np.ndarray:
     """Decode ``path`` fully (so truncated files fail here) and convert it with ``pil_to_rgb``."""
+    if not Path(path).is_file():
+        raise BadSampleError(f"{path}: no such file", path)
     try:
         image = Image.open(io.BytesIO(Path(path).read_bytes()))
         image.load()

@@ -1,8 +1,9 @@
-"""``report.html``: one self-contained page per evaluation to look at instead of JSON.
+"""``report.html``: one self-contained page per evaluation or benchmark to look at instead of JSON.
 
 Every image (sample grids, plots) is embedded as a base64 PNG data URI, so the file can be mailed,
 attached to an issue or opened from an artifact store with nothing next to it. Sections: settings,
 metric tables, figures, and per group (condition) a grid of prompt | condition | generated | ground truth.
+The same ``Table`` renders as markdown (``markdown_table``) for reports kept in the repository.
 """
 
 from __future__ import annotations
@@ -46,11 +47,12 @@ class Sample:
 
 @dataclass
 class Table:
-    """A titled table; floats are shown with 3 decimals."""
+    """A titled table; floats are shown with 3 decimals. ``note``: how to read it, shown above it."""
 
     title: str
     columns: list[str]
     rows: list[list[Any]]
+    note: str = ""
 
 
 def png_data_uri(image: np.ndarray | Image.Image | str | Path) -> str:
@@ -62,6 +64,14 @@ def png_data_uri(image: np.ndarray | Image.Image | str | Path) -> str:
         (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))).save(buf, format="PNG")
         data = buf.getvalue()
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def bounds_table(control_metrics: Mapping[str, Sequence[str]], floor: Mapping[str, Mapping[str, float]],
+                 ceiling: Mapping[str, Mapping[str, float]]) -> Table:
+    """The floor and ceiling of every control metric: what 0 and 1 of the control score stand for."""
+    return Table("floor (no ControlNet) and ceiling (ground truth through the VAE)",
+                 ["condition", "metric", "floor", "ceiling"],
+                 [[c, m, floor[c][m], ceiling[c][m]] for c, metrics in control_metrics.items() for m in metrics])
 
 
 def metrics_table(title: str, results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> Table:
@@ -119,14 +129,27 @@ def clear_stale_outputs(folder: str | Path, patterns: Sequence[str]) -> list[Pat
     return stale
 
 
-def _cell(value: Any) -> str:
+def _text(value: Any) -> str:
+    """A cell's text: floats with 3 decimals, containers as JSON, anything else as ``str``."""
     if isinstance(value, (float, np.floating)):
-        return f'<td class="num">{value:.3f}</td>'
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return f'<td class="num">{value}</td>'
+        return f"{value:.3f}"
     if isinstance(value, (dict, list, tuple)):
-        value = json.dumps(value)
-    return f"<td>{html.escape(str(value))}</td>"
+        return json.dumps(value)
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    number = isinstance(value, (float, np.floating, int, np.integer)) and not isinstance(value, bool)
+    css = ' class="num"' if number else ""
+    return f"<td{css}>{html.escape(_text(value))}</td>"
+
+
+def markdown_table(table: Table) -> str:
+    """``table`` as a ``###`` heading, its note and a GitHub-flavoured markdown table, cells as in the HTML."""
+    lines = [f"### {table.title}", ""] + ([table.note, ""] if table.note else [])
+    lines += ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(_text(v) for v in row) + " |" for row in table.rows]
+    return "\n".join(lines)
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], css: str) -> str:
@@ -159,7 +182,8 @@ def render_report(title: str, *, settings: Mapping[str, Any], tables: Sequence[T
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>written {created}</p>"]
     for table in tables:
-        parts.append(f"<h2>{html.escape(table.title)}</h2>{_table(table.columns, table.rows, 'metrics')}")
+        note = f"<p>{html.escape(table.note)}</p>" if table.note else ""
+        parts.append(f"<h2>{html.escape(table.title)}</h2>{note}{_table(table.columns, table.rows, 'metrics')}")
     for caption, figure in (figures or {}).items():
         parts.append(f"<h2>{html.escape(caption)}</h2>"
                      f'<img class="figure" alt="{html.escape(caption)}" src="{png_data_uri(figure)}">')
