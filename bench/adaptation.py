@@ -38,6 +38,7 @@ from metacontrol.checkpointing import atomic_files  # noqa: E402
 from metacontrol.configuration import ConfigError, check, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
+from metacontrol.errors import run_main  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
 from metacontrol.eval.statistics import Interval, Resampler, mean_curve, paired_difference, summarise  # noqa: E402
 from metacontrol.models.base import load_base_model  # noqa: E402
@@ -318,7 +319,4 @@ def markdown_report(results: dict, cfg: AdaptationBenchConfig, plot: Path) -> st
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"bench/adaptation.py: configuration error: {err}") from None
+    run_main(main, "bench/adaptation.py")
