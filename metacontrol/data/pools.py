@@ -171,8 +171,8 @@ def warn_unknown_words(data: dict[str, TaskData], tokenizer: PreTrainedTokenizer
     """Warn once per distinct caption list about words the tokenizer maps to its unknown token.
 
     A word-level tokenizer (the tiny model's) turns every word outside its vocabulary into ``<unk>``:
-    "an astronaut in front of a flag" trains as "an <unk> in front of a <unk>", silently. Tokenizers
-    without an unknown token (byte-level BPE, as CLIP's) have nothing to report.
+    "an astronaut in front of a flag" trains as "an <unk> in front of a <unk>", silently. Byte-level
+    BPE tokenizers (CLIP's) never produce it: nothing to report there.
     """
     unk = tokenizer.unk_token_id
     if unk is None:
@@ -188,10 +188,10 @@ def warn_unknown_words(data: dict[str, TaskData], tokenizer: PreTrainedTokenizer
         if not unknown:
             continue
         hits = sum(1 for caption in words if unknown.intersection(caption))
-        common = Counter(word for caption in words for word in caption if word in unknown).most_common(UNKNOWN_EXAMPLES)
+        common = Counter(word.lower() for caption in words for word in caption if word in unknown)
+        examples = ", ".join(repr(word) for word, _ in common.most_common(UNKNOWN_EXAMPLES))
         logger.warning("%d of %d captions of %s contain words unknown to the tokenizer (e.g. %s); they become %s",
-                       hits, len(captions), ", ".join(tasks), ", ".join(repr(word) for word, _ in common),
-                       tokenizer.unk_token)
+                       hits, len(captions), ", ".join(tasks), examples, tokenizer.unk_token)
 
 
 def _chw(array: np.ndarray) -> torch.Tensor:
