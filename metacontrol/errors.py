@@ -2,9 +2,10 @@
 
 Each script ends in ``run_main(main, "<name>")``, so a mistyped path, a bad sample, a non-finite loss or
 Ctrl-C reads the same in all of them: ``<name>: <what is wrong and what to do>``, no traceback, printed
-once. Under several processes every process meets a configuration or data error and Ctrl-C alike, so
-only the main one (``RANK`` 0) prints those; errors that can be one process's own print wherever they
-happen. Anything else is a bug and keeps its traceback.
+once. Under several processes every process meets a configuration error and Ctrl-C alike, so only the
+main one (``RANK`` 0) prints those; errors that can be one process's own (a bad sample read lazily, a
+non-finite loss) print wherever they happen, never silently. Anything else is a bug and keeps its
+traceback.
 
 ``accelerate launch`` repeats a failed script's stderr inside its own traceback unless it is given
 ``-q`` (``--quiet``); the README's commands pass it, so the line is printed once there too.
@@ -29,11 +30,11 @@ def error_line(err: BaseException) -> tuple[str, int, bool] | None:
     if isinstance(err, TrainingInterrupted):
         return str(err), err.exit_code, True
     if isinstance(err, KeyboardInterrupt):
-        return "interrupted before training started; nothing was saved", EXIT_INTERRUPTED, True
+        return "interrupted (Ctrl-C)", EXIT_INTERRUPTED, True
     if isinstance(err, ConfigError):
         return f"configuration error: {err}", EXIT_ERROR, True
     if isinstance(err, BadSampleError):
-        return f"bad data: {err}", EXIT_ERROR, True
+        return f"bad data: {err}", EXIT_ERROR, False
     if isinstance(err, NonFiniteLossError):
         return str(err), EXIT_ERROR, False
     return None

@@ -11,13 +11,36 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from metacontrol.configuration import ConfigError
+from metacontrol.data.images import BadSampleError
+from metacontrol.errors import run_main
 from tests.conftest import ACCELERATE_LAUNCH, PYTHON, REPO, meta_train_args, run_script, script_env
 from tests.test_finetune import finetune_args
 
 INTERRUPTED = r"{name}: interrupted at {unit} (\d+) \(the last checkpoint is \S+checkpoint-(\d+)\); resume with " \
               r"resume_from_checkpoint=latest"  # fmt: skip
+
+
+@pytest.mark.parametrize(("error", "rank", "printed", "code"), [
+    (ConfigError("resolution: 30 is not valid"), "0", "demo: configuration error: resolution: 30 is not valid", 1),
+    (ConfigError("resolution: 30 is not valid"), "1", "", 1),  # every process has it; the main one says it
+    (BadSampleError("x.png: cannot be decoded"), "1", "demo: bad data: x.png: cannot be decoded", 1),  # maybe its own
+    (KeyboardInterrupt(), "0", "demo: interrupted (Ctrl-C)", 130),
+])  # fmt: skip
+def test_run_main_prints_one_line_on_the_process_that_should(error, rank, printed, code, monkeypatch, capsys):
+    def main() -> None:
+        raise error
+
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, "demo")
+    assert exit_info.value.code == code
+    assert capsys.readouterr().err == (printed + "\n" if printed else "")
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_main(lambda: 1 / 0, "demo")
 
 
 def test_mistyped_base_path_is_one_line_once_under_accelerate_launch_without_the_hub():
