@@ -45,6 +45,17 @@ def remove_stale_writes(folder: str | Path) -> list[Path]:
     return stale
 
 
+def set_aside(folder: Path) -> Path:
+    """Rename ``folder`` to a hidden sibling (one ``os.replace``) and return it, for deleting at leisure.
+
+    A delete cut short then leaves that sibling, which ``remove_stale_writes`` finishes off, never a
+    half-deleted folder under the real name.
+    """
+    old = folder.with_name(f".{folder.name}{OLD_MARK}{os.getpid()}")
+    os.replace(folder, old)
+    return old
+
+
 @contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` when the block exits without error."""
@@ -56,13 +67,10 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}{OLD_MARK}{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
+        old = set_aside(target) if target.exists() else None
+        os.replace(tmp, target)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

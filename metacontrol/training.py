@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from accelerate.utils.constants import RNG_STATE_NAME
 
-from metacontrol.checkpointing import SAVING_MARKER, atomic_directory, remove_stale_writes
+from metacontrol.checkpointing import SAVING_MARKER, atomic_directory, remove_stale_writes, set_aside
 from metacontrol.config import MetaTrainConfig
 from metacontrol.configuration import ConfigError, to_dict
 from metacontrol.controlnet import model_card
@@ -249,7 +249,7 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, step: int, t
         (output_dir / SAVING_MARKER).unlink()
         if total_limit is not None:  # incomplete folders are not ours to delete (and were warned about)
             for old in list_checkpoints(output_dir)[0][:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(set_aside(old), ignore_errors=True)
     else:
         accelerator.wait_for_everyone()
         accelerator.wait_for_everyone()
