@@ -1,5 +1,6 @@
 # Two commands for a newcomer: `make demo` (set up, then meta-train on the embedded default) and
-# `make test` (set up, then run the test suite). Both create .venv when it is missing.
+# `make test` (set up, then run the test suite). Both create .venv when it is missing. `-q`: accelerate
+# launch would repeat a failed script's one-line error inside its own traceback.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/accelerate launch meta_train.py
+	$(BIN)/accelerate launch -q meta_train.py
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -20,9 +20,10 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from metacontrol.config import MetaTrainConfig
-from metacontrol.configuration import ConfigError, config_argument_parser, load_config, save_config
+from metacontrol.configuration import config_argument_parser, load_config, save_config
 from metacontrol.controlnet import create_controlnet
 from metacontrol.data.sampler import TaskSampler
+from metacontrol.errors import run_main
 from metacontrol.lora import add_lora, controlnet_of
 from metacontrol.meta.algorithms import MetaLearner
 from metacontrol.meta.freezing import freeze_table, set_requires_grad, trainable_parameters
@@ -39,6 +40,7 @@ from metacontrol.training import (
     save_final_controlnet,
     save_training_state,
     setup_accelerator,
+    stop_on_signals,
     weight_dtype_of,
 )
 from metacontrol.validation import log_validation
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
                disable=not accelerator.is_local_main_process)
     start, first_step = time.time(), progress.meta_step
     logs: dict[str, float] = {}
+    restore_signals = stop_on_signals(progress, output_dir, "meta-step")  # Ctrl-C says how to resume
     while progress.meta_step < cfg.meta.max_meta_steps:
         episodes = sampler.episodes(progress.meta_step)
         logs = {}
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
         if cfg.validation_steps and progress.meta_step % cfg.validation_steps == 0:
             log_validation(cfg, base, controlnet_of(model), accelerator, progress.meta_step, data)
     bar.close()
+    restore_signals()
 
     final = save_final_controlnet(cfg, model, accelerator, progress.meta_step, logs)
     accelerator.end_training()
@@ -186,7 +190,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"meta_train: configuration error: {err}") from None
+    run_main(main, "meta_train")

@@ -41,6 +41,7 @@ from metacontrol.checkpointing import atomic_files  # noqa: E402
 from metacontrol.configuration import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
+from metacontrol.errors import run_main  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
 from metacontrol.eval.report import Table, bounds_table, markdown_table, write_report  # noqa: E402
 from metacontrol.eval.statistics import Interval, Resampler, mean_curve, paired_difference, summarise  # noqa: E402
@@ -344,7 +345,4 @@ def markdown_report(tables: list[Table], cfg: AdaptationBenchConfig, plot: Path)
     return "\n\n".join(parts)
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"bench/adaptation.py: configuration error: {err}") from None
+    run_main(main, "bench/adaptation.py")

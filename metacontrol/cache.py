@@ -117,8 +117,8 @@ def cache_key(material: dict[str, Any]) -> str:
 
 def default_cache_dir(data: TaskData) -> Path:
     """Next to an image folder (``<root>/.metacontrol_cache/encodings``), else ``.cache/metacontrol``."""
-    root = getattr(getattr(data, "dataset", None), "root", None)
-    return Path(root) / CACHE_FOLDER / "encodings" if root is not None else DEFAULT_CACHE_DIR
+    root = getattr(data, "root", None)
+    return root / CACHE_FOLDER / "encodings" if root is not None else DEFAULT_CACHE_DIR
 
 
 # -- encoding ------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Atomic writes: a checkpoint is either completely there or not there at all.
 
 Everything is written into a temporary sibling and renamed into place, so a run killed mid-write
-(SIGKILL, a full disk, a pre-empted node) leaves the previous checkpoint intact.
+(SIGKILL, a full disk, a pre-empted node) leaves the previous checkpoint intact. What such a run leaves
+behind instead, temporary siblings, is removed by ``remove_stale_writes`` when the next run starts.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -16,25 +18,59 @@ from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+SAVING_MARKER = ".saving"  # a training output_dir's "checkpoint write in progress" file (see training.py)
+TMP_MARK, OLD_MARK = ".tmp-", ".old-"  # in the names of the temporary siblings of atomic writes
+
+
+def remove_stale_writes(folder: str | Path) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``folder``, and its ``.saving`` marker; return them.
+
+    Only for a folder no other process is writing into (a training ``output_dir`` at start-up, main
+    process): at SD scale each leftover ``.checkpoint-N.tmp-*`` holds gigabytes.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    patterns = (f".*{TMP_MARK}*", f".*{OLD_MARK}*", f"{TMP_MARK}*", SAVING_MARKER)
+    stale = sorted({path for pattern in patterns for path in folder.glob(pattern)})
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if stale:
+        logger.warning("removed %d leftover(s) of an interrupted write in %s: %s", len(stale), folder,
+                       ", ".join(p.name for p in stale))
+    return stale
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename ``folder`` to a hidden sibling (one ``os.replace``) and return it, for deleting at leisure.
+
+    A delete cut short then leaves that sibling, which ``remove_stale_writes`` finishes off, never a
+    half-deleted folder under the real name.
+    """
+    old = folder.with_name(f".{folder.name}{OLD_MARK}{os.getpid()}")
+    os.replace(folder, old)
+    return old
+
 
 @contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``target`` when the block exits without error."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}{TMP_MARK}", dir=target.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
+        old = set_aside(target) if target.exists() else None
+        os.replace(tmp, target)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -49,7 +85,7 @@ def atomic_files(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target))
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_MARK, dir=target))
     try:
         yield tmp
         for item in sorted(tmp.iterdir()):

@@ -8,6 +8,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from metacontrol.checkpointing import atomic_files
 from metacontrol.configuration import ConfigError
+from metacontrol.models.base import load_failure, local_folder
 
 # Stable Diffusion's conditioning-embedding widths; it downsamples by 2 per entry after the first.
 SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)
@@ -43,9 +44,13 @@ def create_controlnet(unet: UNet2DConditionModel, vae_scale_factor: int, path: s
     """The standard initialisation (``from_unet``: encoder copied, zero convolutions) or a saved ControlNet."""
     if path is None:
         return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(vae_scale_factor))
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():
+    folder = local_folder(path, "ControlNet folder")
+    if folder is not None and not (folder / "config.json").is_file():
         raise ConfigError(f"ControlNet folder {path} has no config.json; expected a diffusers ControlNetModel folder")
-    controlnet = ControlNetModel.from_pretrained(path)
+    try:
+        controlnet = ControlNetModel.from_pretrained(str(folder) if folder is not None else path)
+    except OSError as err:  # the Hub cannot be reached or has no such repository, or a file is unreadable
+        raise ConfigError(f"cannot load the ControlNet {path}: {load_failure(err)}") from None
     check_compatible(controlnet, unet, vae_scale_factor, path)
     return controlnet
 

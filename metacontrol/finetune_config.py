@@ -23,7 +23,7 @@ class FinetuneConfig:
     revision: str | None = None
     # A meta-learned initialisation or any diffusers ControlNet folder; null: the standard from_unet init.
     controlnet_model_name_or_path: str | None = None
-    output_dir: str = "outputs/finetune"
+    output_dir: str | None = None  # null: outputs/finetune-{condition}-{mode}, so runs of another kind never overwrite
     seed: int = 0
     resolution: int = 64
     # -- the new condition and its few examples: the first `shots` of the source -----------------------
@@ -35,6 +35,7 @@ class FinetuneConfig:
     train_data_dir: str | None = None  # imagefolder: `{train_data_dir}/{condition}` if it exists, else itself
     annotators: str | None = None
     on_bad_sample: Literal["error", "skip"] = "error"
+    caption_column: str = "text"  # imagefolder: the caption's key in metadata.jsonl
     # -- optimisation --------------------------------------------------------------------------------------
     max_train_steps: int = 100
     train_batch_size: int = 8  # per process, drawn without replacement from the shots every step
@@ -59,6 +60,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
     cache: Literal["latents", "none"] = "latents"
+    cache_dir: str | None = None  # encodings cache; None: .cache/metacontrol (synthetic) or next to the data
     checkpointing_steps: int = 50
     checkpoints_total_limit: int | None = 1
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
@@ -73,6 +75,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check(self.condition in condition_names(), "condition", self.condition,
               f"one of {', '.join(condition_names())}")
+        if self.output_dir is None:
+            self.output_dir = f"outputs/finetune-{self.condition}-{self.mode}"
         check(self.resolution >= 8, "resolution", self.resolution, "an integer >= 8")
         check(self.shots >= 1, "shots", self.shots, "a positive integer")
         check(self.shot_offset >= 0, "shot_offset", self.shot_offset, "an integer >= 0")
@@ -114,4 +118,4 @@ class FinetuneConfig:
         return DataConfig(source=self.source, tasks=[self.condition], world=self.world,
                           pool_size=max(self.shots, 8),  # unused there; DataConfig asks for >= 8
                           train_data_dir=self.train_data_dir, annotators=self.annotators,
-                          on_bad_sample=self.on_bad_sample)
+                          on_bad_sample=self.on_bad_sample, caption_column=self.caption_column)

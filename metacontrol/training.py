@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,21 +15,33 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils.constants import RNG_STATE_NAME
 
-from metacontrol.checkpointing import atomic_directory
+from metacontrol.checkpointing import SAVING_MARKER, atomic_directory, remove_stale_writes, set_aside
 from metacontrol.config import MetaTrainConfig
 from metacontrol.configuration import ConfigError, to_dict
 from metacontrol.controlnet import model_card
-from metacontrol.data.pools import DatasetTaskData, TaskData, synthetic_pools
+from metacontrol.data.pools import DatasetTaskData, TaskData, synthetic_pools, warn_unknown_words
 from metacontrol.data.sampler import Episode
 from metacontrol.models.base import BaseModel, load_base_model
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class NonFiniteLossError(FloatingPointError):
     """A NaN/inf loss: the run stops, naming where, and the last good checkpoint stays as it was."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM in a training loop; the message says where it stopped and how to go on."""
+
+    def __init__(self, signum: int, step: int, unit: str, output_dir: Path) -> None:
+        complete, _ = list_checkpoints(output_dir)
+        saved = f"the last checkpoint is {complete[-1]}" if complete else "no checkpoint yet: resuming starts over"
+        super().__init__(f"interrupted at {unit} {step} ({saved}); resume with resume_from_checkpoint=latest")
+        self.exit_code = 128 + signum  # 130 for Ctrl-C, as shells report it
 
 
 @dataclass
@@ -42,8 +57,35 @@ class TrainingProgress:
         self.meta_step = int(state["meta_step"])
 
 
+def stop_on_signals(progress: TrainingProgress, output_dir: Path, unit: str) -> Callable[[], None]:
+    """Until the returned function is called, Ctrl-C and SIGTERM raise ``TrainingInterrupted`` at the current step.
+
+    After the first signal both do nothing: ``accelerate launch`` answers a Ctrl-C by sending the
+    script SIGTERM at once, and that must not cut the message short. (A handler that does nothing,
+    not ``SIG_IGN``: a signal already on its way when ``SIG_IGN`` is set makes Python print a
+    traceback.) Off the main thread, where Python cannot set handlers, this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: object) -> None:
+        for number in INTERRUPT_SIGNALS:
+            signal.signal(number, lambda *_: None)
+        raise TrainingInterrupted(signum, progress.meta_step, unit, output_dir)
+
+    previous = {number: signal.signal(number, interrupt) for number in INTERRUPT_SIGNALS}
+
+    def restore() -> None:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+    return restore
+
+
 def setup_accelerator(cfg: Any) -> Accelerator:
     """The Accelerator, logging, CPU threads and seed, set up the same way for every training script.
+
+    Leftovers of an interrupted checkpoint write in ``output_dir`` are removed here.
 
     ``cfg`` needs ``output_dir``, ``logging_dir``, ``mixed_precision``, ``report_to``, ``num_threads``, ``seed``.
     """
@@ -56,6 +98,8 @@ def setup_accelerator(cfg: Any) -> Accelerator:
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file checkpoint lines drown ours
+    if accelerator.is_main_process:  # before any process writes there
+        remove_stale_writes(output_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
@@ -111,11 +155,13 @@ def build_task_data(cfg: MetaTrainConfig, base: BaseModel, accelerator: Accelera
         for task in d.tasks:
             root = Path(d.train_data_dir) / task if (Path(d.train_data_dir) / task).is_dir() else Path(d.train_data_dir)
             if d.source == "imagefolder":
-                dataset = ImageFolderDataset(root, task, cfg.resolution, d.annotators, on_bad_sample=d.on_bad_sample)
+                dataset = ImageFolderDataset(root, task, cfg.resolution, d.annotators, on_bad_sample=d.on_bad_sample,
+                                             caption_column=d.caption_column)
             else:
                 dataset = HuggingFaceDataset(root, cfg.resolution, d.image_column, d.conditioning_image_column,
                                              d.caption_column)
             data[task] = DatasetTaskData(dataset)
+    warn_unknown_words(data, base.tokenizer)
     if cfg.cache == "latents":
         attach_encodings(data, base, cache_dir=cfg.cache_dir, show_progress=accelerator.is_local_main_process)
     return data
@@ -137,20 +183,53 @@ def flat_config(cfg: Any) -> dict[str, Any]:
     return flat
 
 
+def incomplete_reason(checkpoint: Path) -> str | None:
+    """Why accelerate cannot resume from ``checkpoint`` (None: it can): its RNG state and loop position.
+
+    Our own writes are atomic, so this catches folders made, copied or emptied by hand.
+    """
+    if not any(checkpoint.iterdir()):
+        return "empty"
+    if not (checkpoint / f"{RNG_STATE_NAME}_0.pkl").is_file():
+        return f"no {RNG_STATE_NAME}_0.pkl"
+    if not any(checkpoint.glob("custom_checkpoint_*.pkl")):
+        return "no custom_checkpoint_*.pkl (the loop position)"
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``checkpoint-N`` folders of ``output_dir`` by step: the complete ones, and (folder, why) of the others."""
+    found = sorted((int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
+                   if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir())
+    complete, incomplete = [], []
+    for _, path in found:
+        reason = incomplete_reason(path)
+        if reason is None:
+            complete.append(path)
+        else:
+            incomplete.append((path, reason))
+    return complete, incomplete
+
+
 def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: a given folder, or the newest complete one for ``latest``."""
     if resume is None:
         return None
     if resume != "latest":
         path = Path(resume)
         if not path.is_dir():
             raise ConfigError(f"resume_from_checkpoint: {resume} is not a checkpoint folder")
+        if reason := incomplete_reason(path):
+            raise ConfigError(f"resume_from_checkpoint: {resume} is not a complete accelerate checkpoint ({reason})")
         return path
-    found = sorted((int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
-                   if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir())
-    if not found:
-        logger.info("resume_from_checkpoint=latest: no checkpoint in %s, starting fresh", output_dir)
+    complete, incomplete = list_checkpoints(output_dir)
+    if incomplete:
+        logger.warning("resume_from_checkpoint=latest: skipping incomplete checkpoint(s) %s",
+                       "; ".join(f"{path} ({reason})" for path, reason in incomplete))
+    if not complete:
+        logger.info("resume_from_checkpoint=latest: no complete checkpoint in %s, starting fresh", output_dir)
         return None
-    return found[-1][1]
+    return complete[-1]
 
 
 def save_training_state(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
@@ -163,20 +242,18 @@ def save_training_state(accelerator: Accelerator, output_dir: Path, step: int, t
     if accelerator.is_main_process:
         with atomic_directory(target) as tmp:
             accelerator.wait_for_everyone()
-            (output_dir / ".saving").write_text(str(tmp))
+            (output_dir / SAVING_MARKER).write_text(str(tmp))
             accelerator.wait_for_everyone()
             accelerator.save_state(str(tmp))
             accelerator.wait_for_everyone()
-        (output_dir / ".saving").unlink()
-        if total_limit is not None:
-            olds = sorted((int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
-                          if (m := CHECKPOINT_PATTERN.match(p.name)))
-            for _, old in olds[:-total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+        (output_dir / SAVING_MARKER).unlink()
+        if total_limit is not None:  # incomplete folders are not ours to delete (and were warned about)
+            for old in list_checkpoints(output_dir)[0][:-total_limit]:
+                shutil.rmtree(set_aside(old), ignore_errors=True)
     else:
         accelerator.wait_for_everyone()
         accelerator.wait_for_everyone()
-        tmp = Path((output_dir / ".saving").read_text())
+        tmp = Path((output_dir / SAVING_MARKER).read_text())
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
     accelerator.wait_for_everyone()

@@ -43,14 +43,21 @@ def meta_train_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> lis
 
 
 def run_script(args: list[str], env: dict[str, str] | None = None, timeout: int = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command from the repo root in a real subprocess, returning its output."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+               check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a command (from the repo root unless ``cwd``) in a real subprocess, returning its output."""
+    result = subprocess.run(args, cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
 
 
+def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a script run by a test: this checkout importable, one OpenMP thread."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra or {})}
+
+
 PYTHON = sys.executable
+# `accelerate launch` as the README runs it: -q, so a failed script's error is not repeated by the launcher.
+ACCELERATE_LAUNCH = [PYTHON, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
+                     "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from metacontrol.cache import (
     DEFAULT_CACHE_DIR,
@@ -248,6 +248,10 @@ def test_image_folders_cache_next_to_the_data_and_are_keyed_by_file_content(tmp_
     (root / "metadata.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     folder = DatasetTaskData(ImageFolderDataset(root, "canny", RES))
     assert default_cache_dir(folder) == root / CACHE_FOLDER / "encodings"
+    # Fine-tuning's shots are a Subset: seen through, so its cache still goes next to the data.
+    shots = DatasetTaskData(Subset(Subset(ImageFolderDataset(root, "canny", RES), [2, 0, 1]), [0, 1]))
+    assert default_cache_dir(shots) == root / CACHE_FOLDER / "encodings"
+    assert shots.captions == [pool.captions[2], pool.captions[0]]
     assert default_cache_dir(pool) == DEFAULT_CACHE_DIR and not DEFAULT_CACHE_DIR.is_absolute()
 
     before = folder.fingerprint()

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import PYTHON, run_script
+from tests.conftest import PYTHON, REPO, run_script
+from tests.test_captions import caption_folder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PROMPT = "a red ball in front of a blue wall on a gray floor"
@@ -46,6 +46,33 @@ def _generate(tiny_sd_dir: Path, folder: Path) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     return pipe(PROMPT, image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
                 num_inference_steps=2, height=32, width=32, output_type="np").images
+
+
+def test_output_folder_is_named_after_condition_and_mode():
+    """A LoRA run after the README's full one must not overwrite it; an explicit output_dir still wins."""
+    from metacontrol.configuration import load_config
+    from metacontrol.finetune_config import FinetuneConfig
+
+    config = REPO / "configs/finetune_tiny.yaml"
+    assert load_config(FinetuneConfig, config).output_dir == "outputs/finetune-normal-full"
+    assert load_config(FinetuneConfig, config, ["mode=lora", "condition=seg"]).output_dir == "outputs/finetune-seg-lora"
+    assert load_config(FinetuneConfig, config, ["mode=lora", "output_dir=elsewhere"]).output_dir == "elsewhere"
+
+
+def test_image_folder_caches_next_to_the_data_and_reads_caption_column(tiny_sd_dir, tmp_path):
+    """Run from another folder: nothing may land in it (the shots are a Subset of the folder's dataset)."""
+    from metacontrol.data.datasets import CACHE_FOLDER
+
+    folder = caption_folder(tmp_path / "photos", ["an astronaut", "a red ball"] * 4, key="prompt")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    python, script, *overrides = finetune_args(tiny_sd_dir, tmp_path / "out", "source=imagefolder",
+                                               f"train_data_dir={folder}", "caption_column=prompt", "max_train_steps=2")
+    result = run_script([python, str(REPO / script), "--config", str(REPO / "configs/finetune_tiny.yaml"), *overrides],
+                        cwd=workdir)  # fmt: skip
+    assert list(workdir.iterdir()) == []
+    assert len(list((folder / CACHE_FOLDER / "encodings").glob("*/index.json"))) == 1
+    assert "4 of 8 captions of normal contain words unknown to the tokenizer (e.g. 'astronaut')" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -150,20 +177,6 @@ def test_lora_trains_adapters_and_zero_convs_and_saves_merged(full_run, tiny_sd_
         torch.testing.assert_close(value, merged[key], rtol=0, atol=1e-6, msg=key)
 
 
-def _small_image_folder(root: Path, count: int) -> Path:
-    """``count`` valid samples with precomputed maps (no annotator needed)."""
-    root.mkdir()
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(count):
-        for name in (f"{i}.png", f"{i}_normal.png"):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name)
-        lines.append(json.dumps({"file_name": f"{i}.png", "text": "a ball",
-                                 "conditioning_file_name": f"{i}_normal.png"}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def _foreign_controlnet(tiny_sd_dir: Path, folder: Path) -> Path:
     """A ControlNet made for a UNet with another text width."""
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -178,7 +191,7 @@ def _foreign_controlnet(tiny_sd_dir: Path, folder: Path) -> Path:
 def test_bad_input_fails_before_training(case, tiny_sd_dir, tmp_path):
     out = tmp_path / "out"
     if case == "too_few_images":
-        folder = _small_image_folder(tmp_path / "photos", 3)
+        folder = caption_folder(tmp_path / "photos", ["a ball"] * 3)
         overrides, expected = ["source=imagefolder", f"train_data_dir={folder}"], [str(folder), "shots"]
     else:
         folder = _foreign_controlnet(tiny_sd_dir, tmp_path / "foreign")
@@ -194,6 +207,6 @@ def test_bad_input_fails_before_training(case, tiny_sd_dir, tmp_path):
 def test_non_finite_loss_names_step_and_samples(full_run, tiny_sd_dir, tmp_path):
     result = run_script(finetune_args(tiny_sd_dir, tmp_path / "nan", "learning_rate=1e30", "max_grad_norm=0",
                                       f"controlnet_model_name_or_path={full_run}"), check=False)  # fmt: skip
-    assert result.returncode != 0 and "NonFiniteLossError" in result.stderr
-    message = re.search(r"at step \d+, condition 'normal', sample indices \[", result.stderr)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = re.search(r"finetune: loss is \S+ at step \d+, condition 'normal', sample indices \[", result.stderr)
     assert message, result.stderr[-2000:]

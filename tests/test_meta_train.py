@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import signal
 import subprocess
 import time
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import PYTHON, REPO, meta_train_args, run_script
+from tests.conftest import PYTHON, REPO, meta_train_args, run_script, script_env
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -82,8 +83,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, tiny_sd_dir, tm
     out = tmp_path / "killed"
     args = [PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6",
                                                       "checkpointing_steps=1")]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**__import__("os").environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env())
     deadline = time.time() + 240
     while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -102,7 +102,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd_dir, tmp_path):
         tiny_sd_dir, out, "meta.max_meta_steps=4", "resume_from_checkpoint=latest", "meta.inner_optimizer=sgd", "meta.inner_learning_rate=1e30",
         "meta.max_grad_norm=0")], check=False)  # fmt: skip
     assert result.returncode != 0
-    assert "NonFiniteLossError" in result.stderr and "meta-step 2" in result.stderr and "task" in result.stderr
+    assert re.search(r"meta_train: loss is \S+ at meta-step 2, task '\w+'", result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
     assert hashlib.sha256((out / "checkpoint-2" / "custom_checkpoint_0.pkl").read_bytes()).hexdigest() == digest
     assert not (out / "checkpoint-3").exists() and not (out / "checkpoint-4").exists()
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from accelerate.state import AcceleratorState
 
 import meta_train
 from metacontrol.configuration import ConfigError
 from metacontrol.data.sampler import TaskSampler
-from tests.conftest import meta_train_args
+from tests.conftest import REPO, meta_train_args
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +32,28 @@ def test_resolution_not_divisible_by_vae_factor(tiny_sd_dir, tmp_path):
 def test_missing_base_model_folder(tiny_sd_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"base model folder .*nowhere does not exist"):
         _run(tiny_sd_dir, tmp_path, f"pretrained_model_name_or_path={tmp_path / 'nowhere'}")
+
+
+@pytest.mark.parametrize(("location", "message"), [
+    ("checkpoints/tiny-sdd", "checkpoints/tiny-sdd does not exist; did you mean checkpoints/tiny-sd?"),  # org = folder
+    ("tiny-sd", "tiny-sd does not exist"),  # not org/name
+    ("./org/name", "./org/name does not exist"),
+    ("~/org/name/", "~/org/name/ does not exist"),
+    ("org\\name", "org\\name does not exist"),
+])  # fmt: skip
+def test_local_looking_paths_that_do_not_exist_never_reach_the_hub(location, message, monkeypatch):
+    from metacontrol.models.base import local_folder
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=re.escape(f"ControlNet folder {message}")):
+        local_folder(location, "ControlNet folder")
+    assert local_folder("lllyasviel/sd-controlnet-canny", "ControlNet folder") is None  # a Hub id
+    assert local_folder("checkpoints/tiny-sd", "base model folder") == Path("checkpoints/tiny-sd")
+
+
+def test_missing_controlnet_folder(tiny_sd_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"ControlNet folder .*nowhere does not exist"):
+        _run(tiny_sd_dir, tmp_path, f"controlnet_model_name_or_path={tmp_path / 'nowhere'}")
 
 
 def test_base_model_folder_without_unet(tiny_sd_dir, tmp_path):
@@ -73,3 +98,14 @@ def test_sampler_processes_partition_the_single_process_episodes():
         assert sorted(one.tasks_for_step(step)) == sorted(sizes)  # a full round of distinct tasks per step
         for e in one.episodes(step):
             assert not set(e.query) & {i for b in e.support for i in b}  # query disjoint from support
+
+
+def test_resuming_from_an_incomplete_checkpoint_names_what_is_missing(tmp_path):
+    from metacontrol.training import resolve_resume_path
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "random_states_0.pkl").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"checkpoint-3 is not a complete accelerate checkpoint \(no custom_"):
+        resolve_resume_path(str(checkpoint), tmp_path)
+    assert resolve_resume_path("latest", tmp_path) is None  # skipped, with a warning naming it

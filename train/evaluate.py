@@ -1,7 +1,7 @@
 """Evaluate ControlNet checkpoints on held-out conditions: fidelity, image agreement, control score.
 
     python train/evaluate.py --config configs/evaluate_tiny.yaml [key=value ...]
-    python train/evaluate.py controlnets='[checkpoints/meta-controlnet-tiny, outputs/finetune-normal]'
+    python train/evaluate.py controlnets='[checkpoints/meta-controlnet-tiny, outputs/finetune-normal-full]'
 
 Writes to ``output_dir``: report.html (one self-contained page: metric tables, plot, sample grids
 with prompts, settings), metrics.json (every setting that fixed the generation, floor, ceiling and
@@ -26,6 +26,7 @@ from metacontrol.conditions import get_condition  # noqa: E402
 from metacontrol.configuration import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.data.world import WorldConfig  # noqa: E402
+from metacontrol.errors import run_main  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
 from metacontrol.eval.report import (  # noqa: E402
     Sample,
@@ -130,7 +131,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"evaluate: configuration error: {err}") from None
+    run_main(main, "evaluate")

@@ -3,7 +3,8 @@
     accelerate launch train/finetune.py [--config configs/finetune_tiny.yaml] [key=value ...]
 
 With no arguments it fine-tunes the meta-learned checkpoints/meta-controlnet-tiny on 16 synthetic
-``normal`` maps for 100 steps and writes a diffusers ControlNet folder to outputs/finetune-normal;
+``normal`` maps for 100 steps and writes a diffusers ControlNet folder to outputs/finetune-normal-full
+(``outputs/finetune-{condition}-{mode}`` unless ``output_dir`` is given);
 ``controlnet_model_name_or_path=null`` starts from the standard ``from_unet`` initialisation instead,
 the baseline the meta-learned one is compared against. Under ``accelerate launch`` on several
 GPUs this is plain data parallelism: every process draws its own batch of the same shots.
@@ -30,8 +31,8 @@ from metacontrol.cache import attach_encodings  # noqa: E402
 from metacontrol.configuration import ConfigError, config_argument_parser, load_config, save_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet, model_card  # noqa: E402
 from metacontrol.data.datasets import ImageFolderDataset  # noqa: E402
-from metacontrol.data.images import BadSampleError  # noqa: E402
-from metacontrol.data.pools import DatasetTaskData, TaskData, synthetic_pools  # noqa: E402
+from metacontrol.data.pools import DatasetTaskData, TaskData, synthetic_pools, warn_unknown_words  # noqa: E402
+from metacontrol.errors import run_main  # noqa: E402
 from metacontrol.finetune_config import FinetuneConfig  # noqa: E402
 from metacontrol.lora import add_lora, controlnet_of, load_lora, save_adapted  # noqa: E402
 from metacontrol.meta.freezing import freeze_table, set_requires_grad, trainable_parameters  # noqa: E402
@@ -46,6 +47,7 @@ from metacontrol.training import (  # noqa: E402
     resolve_resume_path,
     save_training_state,
     setup_accelerator,
+    stop_on_signals,
     weight_dtype_of,
 )
 from metacontrol.validation import log_validation  # noqa: E402
@@ -67,14 +69,15 @@ def few_shot_data(cfg: FinetuneConfig, base: BaseModel, show_progress: bool) -> 
         root = Path(cfg.train_data_dir)
         root = root / cfg.condition if (root / cfg.condition).is_dir() else root
         dataset = ImageFolderDataset(root, cfg.condition, cfg.resolution, cfg.annotators,
-                                     on_bad_sample=cfg.on_bad_sample)
+                                     on_bad_sample=cfg.on_bad_sample, caption_column=cfg.caption_column)
         if len(dataset) < cfg.shot_offset + cfg.shots:
             raise ConfigError(f"shots: {cfg.shots} examples from shot_offset {cfg.shot_offset} asked for, but {root} "
                               f"has only {len(dataset)} usable samples ({len(dataset.skipped)} skipped as bad); "
                               "lower shots or shot_offset")
         data = DatasetTaskData(Subset(dataset, range(cfg.shot_offset, cfg.shot_offset + cfg.shots)))
+    warn_unknown_words({cfg.condition: data}, base.tokenizer)
     if cfg.cache == "latents":
-        attach_encodings({cfg.condition: data}, base, show_progress=show_progress)
+        attach_encodings({cfg.condition: data}, base, cache_dir=cfg.cache_dir, show_progress=show_progress)
     return data
 
 
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> Path:
     bar = tqdm(total=cfg.max_train_steps, initial=progress.meta_step,
                desc=f"finetune {cfg.condition} ({cfg.mode})", disable=not accelerator.is_local_main_process)
     start, first_step = time.time(), progress.meta_step
+    restore_signals = stop_on_signals(progress, output_dir, "step")  # Ctrl-C says how to resume
     while progress.meta_step < cfg.max_train_steps:
         indices, generator = step_batch(cfg, progress.meta_step, accelerator.process_index)
         loss = objective.loss(data.batch(indices), generator)
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> Path:
         if cfg.validation_steps and step % cfg.validation_steps == 0:
             log_validation(cfg, base, controlnet_of(unwrapped()), accelerator, step, {cfg.condition: data})
     bar.close()
+    restore_signals()
 
     if accelerator.is_main_process:
         save_adapted(unwrapped(), output_dir, card(progress.meta_step))
@@ -209,9 +214,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"finetune: configuration error: {err}") from None
-    except BadSampleError as err:
-        raise SystemExit(f"finetune: bad training data: {err}") from None
+    run_main(main, "finetune")

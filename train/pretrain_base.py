@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from metacontrol.checkpointing import atomic_directory, atomic_torch_save  # noqa: E402
 from metacontrol.configuration import check, config_argument_parser, load_config, save_config  # noqa: E402
 from metacontrol.data.world import SceneWorld, WorldConfig, vocabulary  # noqa: E402
+from metacontrol.errors import run_main  # noqa: E402
 from metacontrol.models.tiny import (  # noqa: E402
     TinySDConfig,
     build_noise_scheduler,
@@ -271,4 +272,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "pretrain_base")

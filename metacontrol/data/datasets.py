@@ -90,8 +90,9 @@ class _FolderSample:
 class ImageFolderDataset(Dataset):
     """Real images in the diffusers ``imagefolder`` layout, with condition maps annotated and cached.
 
-    ``root/metadata.jsonl`` has one JSON object per line: ``file_name``, the caption as ``text`` (or
-    ``caption``) and optionally ``conditioning_file_name``, a precomputed map used instead of annotating.
+    ``root/metadata.jsonl`` has one JSON object per line: ``file_name``, the caption under
+    ``caption_column`` (default ``text``, which also accepts ``caption``) and optionally
+    ``conditioning_file_name``, a precomputed map used instead of annotating.
     Every listed file is decoded once at construction, and bad ones handled by ``on_bad_sample`` (see
     ``metacontrol.data.images``); ``skipped`` lists (path, reason) of those left out. One sample is
     annotated at construction too, so missing annotator weights stop the run before training starts.
@@ -106,9 +107,12 @@ class ImageFolderDataset(Dataset):
         annotators: str | None = None,
         cache_dir: str | Path | None = None,
         on_bad_sample: OnBadSample = "error",
+        caption_column: str = "text",
     ) -> None:
         check(isinstance(resolution, int) and resolution >= 1, "resolution", resolution, "a positive integer")
         self.root = Path(root)
+        # `caption` is diffusers' other usual key; it stands in only for the default
+        self.caption_keys = (caption_column, "caption") if caption_column == "text" else (caption_column,)
         self.condition = get_condition(condition)
         self.resolution = resolution
         self.annotators = annotators
@@ -160,10 +164,11 @@ class ImageFolderDataset(Dataset):
         if not _is_text(file_name):
             raise BadSampleError(f"{where}: missing file_name", where)
         image = self.root / file_name
-        caption = entry.get("text", entry.get("caption"))
+        caption = next((entry[key] for key in self.caption_keys if key in entry), None)
         if caption is None:
+            expected = " or ".join(repr(key) for key in self.caption_keys)
             raise BadSampleError(
-                f"{where}: no caption for {file_name} (expected a 'text' or 'caption' key)", image
+                f"{where}: no caption for {file_name} (expected a {expected} key; caption_column names it)", image
             )
         if not _is_text(caption):
             raise BadSampleError(f"{where}: empty or non-text caption {caption!r} for {file_name}", image)
@@ -186,6 +191,10 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._samples)
+
+    @property
+    def captions(self) -> list[str]:
+        return [sample.caption for sample in self._samples]
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
         sample = self._samples[index]
@@ -253,6 +262,11 @@ class HuggingFaceDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    @property
+    def captions(self) -> list[str]:
+        """The caption column alone: reading it decodes no image."""
+        return list(self._data[self.columns["caption_column"]])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         row = self._data[index]

@@ -10,22 +10,35 @@ and text encoder.
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
+from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 from metacontrol.conditions import get_condition
 from metacontrol.data.datasets import SPLIT_SEED_OFFSETS
 from metacontrol.data.world import Scene, SceneWorld, WorldConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
 CACHED_KEYS = ("latent_mean", "latent_std", "text_embeds")
+UNKNOWN_EXAMPLES = 5  # unknown words named in the warning
 
 
 class TaskData:
-    """A task's samples. Subclasses provide ``__len__`` and ``item_tensors``; caches attach tensors."""
+    """A task's samples. Subclasses provide ``__len__``, ``item_tensors`` and ``captions`` (a sequence of
+    every sample's caption); caches attach tensors."""
+
+    captions: Sequence[str]
 
     def __init__(self) -> None:
         self.cached: dict[str, torch.Tensor] = {}
@@ -82,11 +95,37 @@ class TensorPool(TaskData):
 
 
 class DatasetTaskData(TaskData):
-    """A ``Dataset`` whose items are dicts of ``pixel_values`` / ``conditioning_pixel_values`` / ``caption``."""
+    """A ``Dataset`` whose items are dicts of ``pixel_values`` / ``conditioning_pixel_values`` / ``caption``.
+
+    A ``Subset`` (the shots of fine-tuning) is seen through: its source's folder and file list serve.
+    """
 
     def __init__(self, dataset: Dataset) -> None:
         super().__init__()
         self.dataset = dataset
+
+    def _source(self) -> tuple[Dataset, Sequence[int]]:
+        """The dataset under any ``Subset`` wrappers, and the indices into it of this data's samples."""
+        dataset, indices = self.dataset, range(len(self))
+        while isinstance(dataset, Subset):
+            indices = [dataset.indices[i] for i in indices]
+            dataset = dataset.dataset
+        return dataset, indices
+
+    @property
+    def root(self) -> Path | None:
+        """The image folder the samples come from (None for other datasets): caches go next to it."""
+        root = getattr(self._source()[0], "root", None)
+        return Path(root) if root is not None else None
+
+    @property
+    def captions(self) -> list[str]:
+        """From the dataset's own caption list where it has one (no image decoded), else item by item."""
+        dataset, indices = self._source()
+        listed = getattr(dataset, "captions", None)
+        if listed is None:
+            return [self.dataset[i]["caption"] for i in range(len(self))]
+        return [listed[i] for i in indices]
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -105,22 +144,20 @@ class DatasetTaskData(TaskData):
         An image folder has decoded each file once at construction, so re-reading the bytes is cheap;
         other datasets (saved HF ones) pay one pass of image decoding here.
         """
-        samples = getattr(self.dataset, "_samples", None)  # ImageFolderDataset's file list
+        dataset, indices = self._source()
+        samples = getattr(dataset, "_samples", None)  # ImageFolderDataset's file list
         digest = hashlib.sha256()
         if samples is not None:
             digest.update(b"files\n")
-            for sample in samples:
-                digest.update(hashlib.sha256(sample.image.read_bytes()).digest())
-            captions = [sample.caption for sample in samples]
+            for i in indices:
+                digest.update(hashlib.sha256(samples[i].image.read_bytes()).digest())
         else:
             digest.update(b"items\n")
-            captions = []
             for i in range(len(self)):
-                item = self.dataset[i]
-                digest.update(f"{tuple(item['pixel_values'].shape)}".encode())
-                digest.update(item["pixel_values"].contiguous().numpy().data)
-                captions.append(item["caption"])
-        digest.update(_captions_bytes(captions))
+                pixels = self.dataset[i]["pixel_values"]
+                digest.update(f"{tuple(pixels.shape)}".encode())
+                digest.update(pixels.contiguous().numpy().data)
+        digest.update(_captions_bytes(self.captions))
         return digest.hexdigest()
 
 
@@ -128,6 +165,33 @@ def _captions_bytes(captions: Sequence[str]) -> bytes:
     """Length-prefixed, so no two caption lists hash alike by shifting text between neighbours."""
     encoded = [caption.encode() for caption in captions]
     return b"".join(len(data).to_bytes(8, "little") + data for data in encoded)
+
+
+def warn_unknown_words(data: dict[str, TaskData], tokenizer: PreTrainedTokenizerBase) -> None:
+    """Warn once per distinct caption list about words the tokenizer maps to its unknown token.
+
+    A word-level tokenizer (the tiny model's) turns every word outside its vocabulary into ``<unk>``:
+    "an astronaut in front of a flag" trains as "an <unk> in front of a <unk>", silently. Byte-level
+    BPE tokenizers (CLIP's) never produce it: nothing to report there.
+    """
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    tasks_of: dict[tuple[str, ...], list[str]] = {}
+    for task, task_data in data.items():
+        tasks_of.setdefault(tuple(task_data.captions), []).append(task)
+    for captions, tasks in tasks_of.items():
+        words = [re.findall(r"\w+", caption) for caption in captions]
+        vocabulary = sorted({word for caption in words for word in caption})
+        ids = tokenizer(vocabulary, add_special_tokens=False).input_ids if vocabulary else []
+        unknown = {word for word, word_ids in zip(vocabulary, ids) if unk in word_ids}
+        if not unknown:
+            continue
+        hits = sum(1 for caption in words if unknown.intersection(caption))
+        common = Counter(word.lower() for caption in words for word in caption if word in unknown)
+        examples = ", ".join(repr(word) for word, _ in common.most_common(UNKNOWN_EXAMPLES))
+        logger.warning("%d of %d captions of %s contain words unknown to the tokenizer (e.g. %s); they become %s",
+                       hits, len(captions), ", ".join(tasks), examples, tokenizer.unk_token)
 
 
 def _chw(array: np.ndarray) -> torch.Tensor:

@@ -2,20 +2,25 @@
 
 A local diffusers folder (``checkpoints/tiny-sd``, a copy of SD 1.5) and a Hub id go through the same
 ``from_pretrained`` calls; only the location differs. Errors name the folder and the missing part.
+``local_folder`` decides which of the two a location is, for base models and ControlNets alike.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from huggingface_hub import constants
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
 from metacontrol.configuration import ConfigError
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name: the only shape looked up on the Hub
 
 
 @dataclass
@@ -51,27 +56,53 @@ class BaseModel:
         return self.text_encoder(ids)[0]
 
 
-def _check_local_folder(path: Path) -> None:
-    if not path.is_dir():
-        raise ConfigError(f"base model folder {path} does not exist")
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
-    if missing:
-        raise ConfigError(
-            f"base model folder {path} lacks {', '.join(missing)}; expected a diffusers Stable Diffusion "
-            f"folder with subfolders {', '.join(COMPONENTS)}"
-        )
+def local_folder(location: str, what: str) -> Path | None:
+    """The local folder ``location`` names, or None for a Hub id; a local path that does not exist is an error.
+
+    Local, so never looked up on the Hub (where a typo costs retries and a page of tracebacks): a path
+    that exists here; one that starts with ``.``, ``/`` or ``~`` or has a backslash; anything not of
+    the Hub's ``org/name`` shape; and ``org/name`` whose ``org`` is a folder here
+    (``checkpoints/tiny-sdd`` next to ``checkpoints/tiny-sd``). ``what`` names it in the error.
+    """
+    path = Path(location).expanduser()
+    if path.exists():
+        return path
+    looks_local = (location.startswith((".", "/", "~")) or "\\" in location or not HUB_ID.fullmatch(location)
+                   or path.parent.is_dir())
+    if not looks_local:
+        return None
+    siblings = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+    raise ConfigError(f"{what} {location} does not exist{hint}")
+
+
+def load_failure(err: OSError) -> str:
+    """The first line of a loader's error (the rest is advice about network settings), and offline mode."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    offline = " (HF_HUB_OFFLINE is set: only the local Hub cache was searched)" if constants.HF_HUB_OFFLINE else ""
+    return line + offline
 
 
 def load_base_model(location: str, revision: str | None = None) -> BaseModel:
     """Load the SD components from a local diffusers folder or a Hub id (``revision`` for the Hub)."""
-    if location.startswith((".", "/", "~")) or Path(location).exists() or location.count("/") != 1:
-        _check_local_folder(Path(location).expanduser())
+    folder = local_folder(location, "pretrained_model_name_or_path: base model folder")
+    if folder is not None and (missing := [c for c in COMPONENTS if not (folder / c).is_dir()]):
+        raise ConfigError(
+            f"base model folder {location} lacks {', '.join(missing)}; expected a diffusers Stable Diffusion "
+            f"folder with subfolders {', '.join(COMPONENTS)}"
+        )
     kwargs = {"revision": revision} if revision else {}
-    return BaseModel(
-        vae=AutoencoderKL.from_pretrained(location, subfolder="vae", **kwargs),
-        unet=UNet2DConditionModel.from_pretrained(location, subfolder="unet", **kwargs),
-        text_encoder=CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **kwargs),
-        tokenizer=AutoTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs),
-        noise_scheduler=DDPMScheduler.from_pretrained(location, subfolder="scheduler", **kwargs),
-        location=location,
-    )
+    source = str(folder) if folder is not None else location  # "~" expanded
+    try:
+        return BaseModel(
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
+            tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
+            location=location,
+        )
+    except OSError as err:  # the Hub cannot be reached or has no such repository, or a file is unreadable
+        raise ConfigError(f"pretrained_model_name_or_path: cannot load {location}: {load_failure(err)}") from None

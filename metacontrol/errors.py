@@ -1,0 +1,54 @@
+"""What every script does with the errors a user can fix: one line on stderr and an exit code.
+
+Each script ends in ``run_main(main, "<name>")``, so a mistyped path, a bad sample, a non-finite loss or
+Ctrl-C reads the same in all of them: ``<name>: <what is wrong and what to do>``, no traceback, printed
+once. Under several processes every process meets a configuration error and Ctrl-C alike, so only the
+main one (``RANK`` 0) prints those; errors that can be one process's own (a bad sample read lazily, a
+non-finite loss) print wherever they happen, never silently. Anything else is a bug and keeps its
+traceback.
+
+``accelerate launch`` repeats a failed script's stderr inside its own traceback unless it is given
+``-q`` (``--quiet``); the README's commands pass it, so the line is printed once there too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from metacontrol.configuration import ConfigError
+from metacontrol.data.images import BadSampleError
+from metacontrol.training import NonFiniteLossError, TrainingInterrupted
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+def error_line(err: BaseException) -> tuple[str, int, bool] | None:
+    """(message, exit code, same on every process) for an error a user can act on; None for a bug."""
+    if isinstance(err, TrainingInterrupted):
+        return str(err), err.exit_code, True
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)", EXIT_INTERRUPTED, True
+    if isinstance(err, ConfigError):
+        return f"configuration error: {err}", EXIT_ERROR, True
+    if isinstance(err, BadSampleError):
+        return f"bad data: {err}", EXIT_ERROR, False
+    if isinstance(err, NonFiniteLossError):
+        return str(err), EXIT_ERROR, False
+    return None
+
+
+def run_main(main: Callable[[], object], name: str) -> None:
+    """Run a script's ``main()``; map the errors of ``error_line`` to ``SystemExit`` after one line on stderr."""
+    try:
+        main()
+    except (Exception, KeyboardInterrupt) as err:
+        mapped = error_line(err)
+        if mapped is None:
+            raise
+        message, code, replicated = mapped
+        if not replicated or os.environ.get("RANK", "0") == "0":
+            print(f"{name}: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None
