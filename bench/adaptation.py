@@ -145,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard", default=None, help="K/N: do only runs K, K+N, ...; write no report")
     parser.add_argument("--only", default=None,
                         help="LABEL[,LABEL...]: run only these starts (as soon as they exist); write no report")
+    parser.add_argument("--card", default=None, help="LABEL[,LABEL...]: with the report, write the measured scores "
+                        "into these starts' model cards (README.md of their folders; e.g. a checkpoint to ship)")
     return parser.parse_intermixed_args(argv)
 
 
@@ -201,7 +203,47 @@ def main(argv: list[str] | None = None) -> dict | None:
                         tables=[*tables, bounds_table(results["control_metrics"], results["floor"], results["ceiling"])],
                         figures={"control score per fine-tuning step (95% bootstrap band)": plot})
     print(f"{report}\nReport: {html}")
+    command = f"python bench/adaptation.py --config {args.config}" if args.config else "python bench/adaptation.py"
+    for label in parse_only(args.card, cfg) if args.card else []:
+        card = write_card_section(cfg.initialisations[label], card_section(results, cfg, label, command))
+        print(f"measured scores of {label!r} written into {card}")
     return results
+
+
+def card_section(results: dict, cfg: AdaptationBenchConfig, label: str, command: str) -> str:
+    """A model card's "Measured" section: this start's curve per held-out condition, as the benchmark measured it."""
+    shots = cfg.shots[0]
+    regime = results["regimes"][str(shots)]
+    reference = cfg.paired_reference if cfg.paired_reference not in (None, label) else None
+    header = ["held-out condition", *(f"{s} steps" + (" (zero-shot)" if s == 0 else "") for s in cfg.steps),
+              f"AUC 0-{cfg.auc_budget}", *([f"AUC - {reference} (paired)"] if reference else [])]
+    rows = []
+    for condition in cfg.conditions:
+        curve = regime[condition]["curves"][label]
+        paired = [regime[condition]["paired_differences"][f"{label} - {reference}"]["auc"]] if reference else []
+        rows.append([condition, *map(_cell, curve["points"]), _cell(curve["auc"]), *map(_cell, paired)])
+    return (f"## Measured (metacontrol `{command}`)\n\n"
+            f"Control score (0 = base model without ControlNet, 1 = ground truth through the VAE), mean [95% CI] over "
+            f"{len(cfg.seeds)} fine-tuning seeds x {cfg.settings.num_samples} test scenes, after fine-tuning on "
+            f"{shots} examples of a held-out condition (AdamW {cfg.learning_rate:g}, batch {cfg.train_batch_size}"
+            + (f"; {' '.join(cfg.finetune_overrides[label])}" if label in cfg.finetune_overrides else "") + "):\n\n"
+            + markdown_table(Table("", header, rows)).split("\n", 2)[2] + "\n\n")
+
+
+def write_card_section(folder: str | None, section: str) -> Path:
+    """Replace (or add, before "## Load") the "## Measured" section of a ControlNet folder's README.md."""
+    if folder is None:
+        raise ConfigError("--card: the standard initialisation has no folder, so no model card to write")
+    card = Path(folder) / "README.md"
+    text = card.read_text() if card.is_file() else ""
+    start = text.find("## Measured")
+    end = text.find("## Load")
+    if start < 0:
+        start = end if end >= 0 else len(text)
+    text = text[:start] + section + (text[end:] if end >= start else "")
+    with atomic_files(card.parent) as tmp:
+        (tmp / card.name).write_text(text)
+    return card
 
 
 def parse_only(text: str | None, cfg: AdaptationBenchConfig) -> list[str]:

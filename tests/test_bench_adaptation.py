@@ -33,7 +33,8 @@ def bench(tiny_sd_dir, tmp_path_factory):
             "steps=[0, 2]", "auc_budget=2", "shots=[4]", "train_batch_size=2", "world.resolution=32",
             f"output_dir={root / 'out'}", f"work_dir={root / 'work'}"]  # fmt: skip
     shards = [run_script([*args, "--shard", f"{k}/2"]) for k in range(2)]
-    report = run_script(args)
+    (root / "perturbed" / "README.md").write_text("# perturbed\n\n## Load\n\nload it\n")
+    report = run_script([*args, "--card", "perturbed"])
     return root, shards, report
 
 
@@ -118,3 +119,15 @@ def test_report_html_beside_the_markdown_renders_the_plot_and_every_table(bench)
     html, markdown = path.read_text(), (root / "out/adaptation-quick.md").read_text()
     assert f"<td>{auc}</td>" in html and f" | {auc} |" in markdown  # one table, two renderings
     assert "initialisations.perturbed" in html and "settings.num_inference_steps" in html
+
+
+def test_card_gets_the_measured_curve_of_its_start(bench):
+    root, _, report = bench
+    seg = json.loads((root / "out/adaptation-quick.json").read_text())["regimes"]["4"]["seg"]
+    card = (root / "perturbed" / "README.md").read_text()
+    assert card.startswith("# perturbed\n\n## Measured (metacontrol `python bench/adaptation.py`)")
+    assert card.endswith("## Load\n\nload it\n")  # the rest of the card is kept
+    row = next(line for line in card.splitlines() if line.startswith("| seg |"))
+    zero, two = seg["curves"]["perturbed"]["points"]
+    assert row.startswith(f"| seg | {zero['estimate']:.3f} [{zero['low']:.3f}, {zero['high']:.3f}] | {two['estimate']:.3f}")
+    assert "measured scores of 'perturbed' written" in report.stdout
