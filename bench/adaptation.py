@@ -57,7 +57,7 @@ class AdaptationBenchConfig:
     # label -> ControlNet folder; null is the standard initialisation (ControlNetModel.from_unet).
     initialisations: dict = field(default_factory=lambda: {
         "standard": None, "joint": "checkpoints/joint-controlnet-tiny",
-        "reptile": "checkpoints/meta-controlnet-tiny", "fomaml": "checkpoints/fomaml-controlnet-tiny"})
+        "reptile": "checkpoints/meta-controlnet-tiny", "joint-3x": "checkpoints/joint-3x-controlnet-tiny"})
     # label -> extra train/finetune.py key=value overrides for that initialisation's runs (after the common
     # ones), e.g. a LoRA start: [mode=lora, lora_init=.../lora, controlnet_model_name_or_path=<its base>].
     finetune_overrides: dict = field(default_factory=dict)

@@ -147,7 +147,7 @@ def annotate_main(argv: list[str] | None = None) -> None:
 def generate_main(argv: list[str] | None = None) -> None:
     """Generate an image from a prompt and a condition map with a ControlNet (StableDiffusionControlNetPipeline).
 
-    example: metacontrol generate --controlnet checkpoints/meta-controlnet-tiny --image normal.png \\
+    example: metacontrol generate --controlnet checkpoints/joint-3x-controlnet-tiny --image normal.png \\
                  --prompt "a red ball in front of a blue wall" -o out.png
     """
     from metacontrol.pipelines import GUIDANCE_SCALE

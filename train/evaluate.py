@@ -47,7 +47,7 @@ OUTPUTS = ("report.html", "metrics.json", "metrics.csv", "grid_*.png", "control_
 @dataclass
 class EvaluateConfig:
     pretrained_model_name_or_path: str = "checkpoints/tiny-sd"
-    controlnets: list[str] = field(default_factory=lambda: ["checkpoints/meta-controlnet-tiny"])
+    controlnets: list[str] = field(default_factory=lambda: ["checkpoints/joint-3x-controlnet-tiny"])
     conditions: list[str] = field(default_factory=lambda: ["scribble", "lineart", "normal", "seg"])
     world: WorldConfig = field(default_factory=WorldConfig)
     settings: EvalSettings = field(default_factory=EvalSettings)

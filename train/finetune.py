@@ -2,11 +2,11 @@
 
     accelerate launch train/finetune.py [--config configs/finetune_tiny.yaml] [key=value ...]
 
-With no arguments it fine-tunes the meta-learned checkpoints/meta-controlnet-tiny on 16 synthetic
+With no arguments it fine-tunes the best measured start, checkpoints/joint-3x-controlnet-tiny, on 16 synthetic
 ``normal`` maps for 100 steps and writes a diffusers ControlNet folder to outputs/finetune-normal-full
 (``outputs/finetune-{condition}-{mode}`` unless ``output_dir`` is given);
 ``controlnet_model_name_or_path=null`` starts from the standard ``from_unet`` initialisation instead,
-the baseline the meta-learned one is compared against. Under ``accelerate launch`` on several
+the baseline every start is compared against. Under ``accelerate launch`` on several
 GPUs this is plain data parallelism: every process draws its own batch of the same shots.
 """
 
