@@ -45,15 +45,13 @@ def test_run_main_prints_one_line_on_the_process_that_should(error, rank, printe
 
 def test_mistyped_base_path_is_one_line_once_under_accelerate_launch_without_the_hub():
     """`checkpoints/tiny-sdd` has the Hub's org/name shape, but `checkpoints/` is a folder here: local."""
-    started = time.monotonic()
     result = run_script([*ACCELERATE_LAUNCH, "train/finetune.py", "pretrained_model_name_or_path=checkpoints/tiny-sdd"],
                         env={"HF_HUB_OFFLINE": "0"}, check=False)  # fmt: skip
     assert result.returncode == 1
     assert [line for line in result.stderr.splitlines() if "tiny-sdd" in line] == [
         "finetune: configuration error: pretrained_model_name_or_path: base model folder checkpoints/tiny-sdd "
         "does not exist; did you mean checkpoints/tiny-sd?"]
-    assert "Traceback" not in result.stderr
-    assert time.monotonic() - started < 60  # no Hub retries (they take 40 s)
+    assert "Traceback" not in result.stderr  # and no Hub retries: they would have printed their own
 
 
 def test_a_bad_sample_in_meta_training_is_one_line(tiny_sd_dir, tmp_path):
@@ -71,14 +69,17 @@ def test_a_bad_sample_in_meta_training_is_one_line(tiny_sd_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("meta_train: bad data: ") and "cannot be decoded" in lines[0]
 
 
-def _interrupt(args: list[str], checkpoint: Path, group: bool) -> subprocess.CompletedProcess:
-    """Start ``args``, press Ctrl-C once ``checkpoint`` exists: to the whole process group, as a terminal
-    does, when ``group`` (the launcher and the script both get it), else to the process."""
+def _interrupt(args: list[str], output_dir: Path, group: bool) -> subprocess.CompletedProcess:
+    """Start ``args``, press Ctrl-C once ``output_dir`` has a checkpoint: to the whole process group, as a
+    terminal does, when ``group`` (the launcher and the script both get it), else to the process."""
     proc = subprocess.Popen(args, cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while not checkpoint.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 600
+    while not list(output_dir.glob("checkpoint-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    if not list(output_dir.glob("checkpoint-*")):
+        proc.kill()
+        pytest.fail(f"no checkpoint was written (exit code {proc.poll()}): {proc.communicate()[1][-3000:]}")
     if group:
         os.killpg(proc.pid, signal.SIGINT)
     else:
@@ -91,10 +92,10 @@ def test_ctrl_c_in_meta_training_says_how_to_resume_and_latest_skips_what_is_inc
     out = tmp_path / "out"
     args = [PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=100000",
                                                       "checkpointing_steps=1")]  # fmt: skip
-    result = _interrupt(args, out / "checkpoint-2", group=False)
+    result = _interrupt(args, out, group=False)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
     [(step, saved)] = re.findall(INTERRUPTED.format(name="meta_train", unit="meta-step"), result.stderr)
-    assert 2 <= int(saved) <= int(step) < 100000
+    assert 1 <= int(saved) <= int(step) < 100000
 
     # What a kill during a checkpoint write leaves, and a checkpoint folder emptied by hand.
     (out / f".checkpoint-{saved}.tmp-x1y2").mkdir()
@@ -114,6 +115,6 @@ def test_ctrl_c_in_meta_training_says_how_to_resume_and_latest_skips_what_is_inc
 def test_ctrl_c_under_accelerate_launch_is_one_line_and_exit_code_130(tiny_sd_dir, tmp_path):
     out = tmp_path / "out"
     args = [*ACCELERATE_LAUNCH, *finetune_args(tiny_sd_dir, out, "max_train_steps=100000", "checkpointing_steps=1")[1:]]
-    result = _interrupt(args, out / "checkpoint-1", group=True)
+    result = _interrupt(args, out, group=True)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(re.findall(INTERRUPTED.format(name="finetune", unit="step"), result.stderr)) == 1, result.stderr[-3000:]
