@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from metacontrol.configuration import ConfigError
 from metacontrol.data.images import BadSampleError
-from metacontrol.training import NonFiniteLossError, TrainingInterrupted
+from metacontrol.training import TrainingInterrupted
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -35,7 +35,7 @@ def error_line(err: BaseException) -> tuple[str, int, bool] | None:
         return f"configuration error: {err}", EXIT_ERROR, True
     if isinstance(err, BadSampleError):
         return f"bad data: {err}", EXIT_ERROR, False
-    if isinstance(err, NonFiniteLossError):
+    if isinstance(err, FloatingPointError):  # a NonFiniteLossError, or MetaLearner's gradient overflow at scale 1
         return str(err), EXIT_ERROR, False
     return None
 

@@ -29,6 +29,8 @@ INTERRUPTED = r"{name}: interrupted at {unit} (\d+) \(the last checkpoint is \S+
     (ConfigError("resolution: 30 is not valid"), "1", "", 1),  # every process has it; the main one says it
     (BadSampleError("x.png: cannot be decoded"), "1", "demo: bad data: x.png: cannot be decoded", 1),  # maybe its own
     (KeyboardInterrupt(), "0", "demo: interrupted (Ctrl-C)", 130),
+    (FloatingPointError("non-finite gradient of a finite loss (0.1) even at loss scale 1"), "1",
+     "demo: non-finite gradient of a finite loss (0.1) even at loss scale 1", 1),  # fp16 overflow, MetaLearner
 ])  # fmt: skip
 def test_run_main_prints_one_line_on_the_process_that_should(error, rank, printed, code, monkeypatch, capsys):
     def main() -> None:
