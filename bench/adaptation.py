@@ -37,15 +37,15 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from metacontrol.checkpointing import atomic_files  # noqa: E402
-from metacontrol.configuration import ConfigError, check, config_argument_parser, load_config  # noqa: E402
+from metacontrol.atomic import atomic_files  # noqa: E402
+from metacontrol.config_loader import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
-from metacontrol.data.world import WorldConfig  # noqa: E402
 from metacontrol.errors import run_main  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
 from metacontrol.eval.report import Table, bounds_table, markdown_table, write_report  # noqa: E402
 from metacontrol.eval.statistics import Interval, Resampler, mean_curve, paired_difference, summarise  # noqa: E402
 from metacontrol.models.base import load_base_model  # noqa: E402
+from metacontrol.world import WorldConfig  # noqa: E402
 
 logger = logging.getLogger("bench.adaptation")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metacontrol.data.world import WorldConfig  # noqa: E402
 from metacontrol.errors import run_main  # noqa: E402
 from metacontrol.eval.base_quality import base_model_quality  # noqa: E402
 from metacontrol.models.base import load_base_model  # noqa: E402
+from metacontrol.world import WorldConfig  # noqa: E402
 
 
 def main() -> None:

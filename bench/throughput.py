@@ -10,7 +10,7 @@ alike; ratios are taken per round (rounds run back to back), then the median ove
     it: the VAE encodes and the text encoder embeds every batch; AdamW; gradient clipping;
 (b) ``meta``: the loop body of ``meta_train.py`` (Reptile: TaskSampler episodes, ControlNetObjective,
     MetaLearner with a fresh inner Adam per task, outer SGD), reading images and captions;
-(c) ``meta+cache``: the same with cached encodings (``metacontrol.cache``); building the cache is
+(c) ``meta+cache``: the same with cached encodings (``metacontrol.data.encoding_cache``); building the cache is
     timed separately, as the one-off cost it is.
 
 Configurations: ``tiny``, the embedded default architecture (TinySDConfig, random weights) at 64 px
@@ -57,13 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from metacontrol.cache import attach_encodings, model_material  # noqa: E402
 from metacontrol.config import MetaConfig  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
+from metacontrol.data.encoding_cache import attach_encodings, model_material  # noqa: E402
 from metacontrol.data.pools import TaskData, TensorPool, synthetic_pools  # noqa: E402
-from metacontrol.data.sampler import Episode, TaskSampler  # noqa: E402
-from metacontrol.data.world import WorldConfig, vocabulary  # noqa: E402
 from metacontrol.meta.algorithms import MetaLearner  # noqa: E402
+from metacontrol.meta.episodes import TaskSampler, episode_loss  # noqa: E402
 from metacontrol.models.base import BaseModel  # noqa: E402
 from metacontrol.models.tiny import (  # noqa: E402
     TinySDConfig,
@@ -72,7 +71,7 @@ from metacontrol.models.tiny import (  # noqa: E402
     tiny_pipeline,
 )
 from metacontrol.objective import ControlNetObjective  # noqa: E402
-from metacontrol.training import checked_loss  # noqa: E402
+from metacontrol.world import WorldConfig, vocabulary  # noqa: E402
 
 VARIANTS = {"a": "plain (VAE + text encoder every step)", "b": "meta, no cache", "c": "meta + cache"}
 TASKS = ["canny", "hed", "depth", "pose"]
@@ -173,9 +172,9 @@ class Workload:
         self.objective = ControlNetObjective(base, self.controlnet)
         self.meta = MetaConfig(tasks_per_meta_step=setting.tasks_per_meta_step,
                                inner_steps=setting.inner_steps, support_batch_size=setting.batch_size)
-        self.sampler = TaskSampler(tasks, {t: len(d) for t, d in self.uncached.items()},
-                                   setting.tasks_per_meta_step, setting.inner_steps, setting.batch_size,
-                                   setting.batch_size)
+        self.sampler = TaskSampler(tasks=tasks, pool_sizes={t: len(d) for t, d in self.uncached.items()},
+                                   tasks_per_step=setting.tasks_per_meta_step, inner_steps=setting.inner_steps,
+                                   support_batch_size=setting.batch_size, query_batch_size=setting.batch_size)
         self.overhead_s: dict[str, float] = {}
         self.reset_overhead()
         self.learner_bytes = 0
@@ -251,27 +250,20 @@ class Workload:
 
     def _meta(self, data: dict[str, TaskData], round_index: int) -> Callable[[], None]:
         m = self.meta
-        learner = MetaLearner(self.params, self.params, "reptile", m.inner_optimizer, m.inner_learning_rate,
-                              m.max_grad_norm)
+        learner = MetaLearner(self.params, self.params, algorithm="reptile", inner_optimizer=m.inner_optimizer,
+                              inner_learning_rate=m.inner_learning_rate, max_grad_norm=m.max_grad_norm)
         self.learner_bytes = sum(b.numel() * b.element_size() for b in learner.snapshot.buffers)
         self.learner_bytes += learner.meta_grad_flat.numel() * learner.meta_grad_flat.element_size()
         outer = torch.optim.SGD(self.params, lr=m.outer_learning_rate)
         episodes = self.sampler.episodes(round_index)
         timed = self.overhead_s
 
-        def batch_loss(episode: Episode, indices: tuple[int, ...], phase: int) -> Callable[[], torch.Tensor]:
-            def compute() -> torch.Tensor:  # as meta_train.py's
-                generator = torch.Generator().manual_seed(episode.seed(phase))
-                loss = self.objective.loss(data[episode.task].batch(indices), generator)
-                return checked_loss(loss, episode, round_index, phase, indices)
-            return compute
-
         def run() -> None:
             started = time.perf_counter()
             learner.begin()
             timed["begin"] += time.perf_counter() - started
             for episode in episodes:
-                learner.adapt([batch_loss(episode, batch, k) for k, batch in enumerate(episode.support)])
+                learner.adapt([episode_loss(self.objective, data, episode, k) for k in range(len(episode.support))])
                 started = time.perf_counter()
                 learner.accumulate(None)
                 timed["accumulate"] += time.perf_counter() - started

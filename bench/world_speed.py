@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metacontrol.conditions import condition_names, get_condition  # noqa: E402
-from metacontrol.data.world import SceneWorld, WorldConfig  # noqa: E402
+from metacontrol.world import SceneWorld, WorldConfig  # noqa: E402
 
 
 @dataclass

@@ -1,21 +1,18 @@
-"""``metacontrol <command> [args]``: the repository's scripts and the small commands under one name.
+"""``metacontrol <command> [args]``: the training scripts and the small commands under one name.
 
-The scripts live in the repository (``meta_train.py``, ``train/``) so they stay readable top to
-bottom; this entry point runs them from an editable install (``pip install -e .``). The small
-commands (``condition-map``, ``annotate``, ``generate``) are functions of ``metacontrol.commands``.
-Nothing heavy is imported before a command is chosen, so ``metacontrol --help`` answers at once.
+The scripts' bodies are ``metacontrol.scripts.<name>.main`` (``meta_train.py`` and ``train/*.py`` in a
+checkout are thin shims over them), so this works from an installed wheel too; the small commands
+(``condition-map``, ``annotate``, ``generate``) are functions of ``metacontrol.commands``. Nothing heavy
+is imported before a command is chosen, so ``metacontrol --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import importlib
-import runpy
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 PROG = "metacontrol"
 
 
@@ -27,15 +24,16 @@ class Command:
     run: Callable[[list[str]], object]
 
 
-def _script(path: Path) -> Callable[[list[str]], None]:
-    """Run a repository script as ``python <script> args`` would, in this process."""
+def _script(name: str) -> Callable[[list[str]], None]:
+    """``metacontrol.scripts.<name>.main(args)``, imported only when its command runs; errors a user can fix
+    read as one line, as from the script in a checkout."""
 
     def run(args: list[str]) -> None:
-        if not path.is_file():
-            raise SystemExit(f"{PROG}: {path} not found; the scripts ship with the repository, so install it "
-                             "editable (`pip install -e .`) from a clone")
-        sys.argv = [str(path), *args]
-        runpy.run_path(str(path), run_name="__main__")
+        from metacontrol.errors import run_main  # noqa: PLC0415
+
+        main = importlib.import_module(f"metacontrol.scripts.{name}").main
+        sys.argv = [f"{PROG} {name.replace('_', '-')}", *args]  # what --help and errors call it
+        run_main(lambda: main(args), name)
 
     return run
 
@@ -46,13 +44,13 @@ def _function(name: str) -> Callable[[list[str]], object]:
 
 
 COMMANDS = {
-    "meta-train": Command("meta-train a ControlNet initialisation (meta_train.py)", _script(REPO / "meta_train.py")),
+    "meta-train": Command("meta-train a ControlNet initialisation (meta_train.py)", _script("meta_train")),
     "finetune": Command("fine-tune a ControlNet on a new condition, full or LoRA (train/finetune.py)",
-                        _script(REPO / "train" / "finetune.py")),
+                        _script("finetune")),
     "evaluate": Command("score ControlNets on held-out conditions; writes report.html (train/evaluate.py)",
-                        _script(REPO / "train" / "evaluate.py")),
+                        _script("evaluate")),
     "pretrain-base": Command("train the tiny base model on the synthetic world (train/pretrain_base.py)",
-                             _script(REPO / "train" / "pretrain_base.py")),
+                             _script("pretrain_base")),
     "condition-map": Command("render a condition map of a synthetic scene and print its caption",
                              _function("condition_map_main")),
     "annotate": Command("turn a photo into a condition map with controlnet-aux", _function("annotate_main")),

@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from metacontrol.conditions import AnnotatorUnavailable, condition_names, get_condition
-from metacontrol.configuration import ConfigError
+from metacontrol.config_loader import ConfigError
 from metacontrol.data.images import BLACK, BadSampleError, load_rgb
-from metacontrol.data.world import Scene, SceneWorld, WorldConfig
+from metacontrol.world import Scene, SceneWorld, WorldConfig
 
 DEFAULT_BASE = "checkpoints/tiny-sd"
 DEFAULT_RESOLUTION = WorldConfig().resolution  # the embedded tiny model's size

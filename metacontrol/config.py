@@ -1,8 +1,12 @@
-"""Configuration of meta-training (``meta_train.py``), as typed dataclasses loaded from YAML.
+"""Configuration of the training runs, as typed dataclasses loaded from YAML (``config_loader.py``).
 
-Key names follow diffusers' training scripts where one exists (``pretrained_model_name_or_path``,
-``output_dir``, ``mixed_precision``, ``checkpointing_steps``, ``checkpoints_total_limit``,
-``resume_from_checkpoint``, ``validation_steps``, ``report_to``...).
+``RunConfig`` holds what every run has (models, output, machinery); ``MetaTrainConfig``
+(``meta_train.py``) and ``FinetuneConfig`` (``train/finetune.py``) extend it, so a fix to a shared
+key or check is made once. ``SourceConfig`` says where examples come from, for meta-training's
+``data:`` section and fine-tuning's top level alike. Key names follow diffusers' training scripts
+where one exists (``pretrained_model_name_or_path``, ``output_dir``, ``mixed_precision``,
+``checkpointing_steps``, ``checkpoints_total_limit``, ``resume_from_checkpoint``, ``validation_steps``,
+``report_to``...).
 """
 
 from __future__ import annotations
@@ -10,22 +14,62 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from metacontrol.configuration import check
-from metacontrol.data.world import WorldConfig
-from metacontrol.meta.freezing import PRESETS
+from metacontrol.conditions import condition_names
+from metacontrol.config_loader import check
+from metacontrol.freezing import PRESETS
+from metacontrol.lora import LORA_FULLY_TRAINED, LORA_TARGET_MODULES
+from metacontrol.world import WorldConfig
 
 FreezeSpec = str | list[str]
+SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+
+def check_freeze_spec(key: str, spec: FreezeSpec) -> None:
+    check(not isinstance(spec, str) or spec in PRESETS, key, spec,
+          f"one of {', '.join(PRESETS)} or a list of glob patterns")
 
 
 @dataclass
-class DataConfig:
-    """Where task data comes from: the synthetic world, an image folder, or a saved HF dataset."""
+class RunConfig:
+    """The keys every training run shares: base and starting models, output, precision, checkpoints, logs."""
+
+    pretrained_model_name_or_path: str = "checkpoints/tiny-sd"
+    revision: str | None = None
+    # A ControlNet folder or Hub id to start from; null: the standard ``ControlNetModel.from_unet`` initialisation.
+    controlnet_model_name_or_path: str | None = None
+    output_dir: str | None = None
+    seed: int = 0
+    resolution: int = 64
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: whatever accelerate launch says
+    gradient_checkpointing: bool = False
+    enable_xformers_memory_efficient_attention: bool = False
+    cache: Literal["latents", "none"] = "latents"
+    cache_dir: str | None = None  # encodings cache; None: .cache/metacontrol (synthetic) or next to the data
+    checkpointing_steps: int = 50
+    checkpoints_total_limit: int | None = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    validation_steps: int = 50
+    num_validation_images: int = 2
+    validation_inference_steps: int = 20
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    logging_dir: str = "logs"
+    num_threads: int | None = None  # torch CPU threads per process (None: torch's default)
+
+    def __post_init__(self) -> None:
+        check(self.resolution >= 8, "resolution", self.resolution, "an integer >= 8")
+        check(self.checkpointing_steps >= 1, "checkpointing_steps", self.checkpointing_steps, "a positive integer")
+        check(self.validation_steps >= 0, "validation_steps", self.validation_steps, ">= 0 (0 disables)")
+        check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit",
+              self.checkpoints_total_limit, "null or a positive integer")
+
+
+@dataclass
+class SourceConfig:
+    """Where examples come from: the synthetic world, an image folder, or a saved HF dataset (``data/sources.py``)."""
 
     source: Literal["synthetic", "imagefolder", "hf"] = "synthetic"
-    tasks: list[str] = field(default_factory=lambda: ["canny", "hed", "depth", "pose"])
     world: WorldConfig = field(default_factory=WorldConfig)
-    pool_size: int = 512  # synthetic scenes per task pool, rendered once at start-up
-    # imagefolder: one folder per task, ``{train_data_dir}/{task}`` or a shared folder annotated per task.
+    # imagefolder / hf: ``{train_data_dir}/{task}`` if that folder exists, else ``train_data_dir`` itself.
     train_data_dir: str | None = None
     annotators: str | None = None  # local folder (copy of lllyasviel/Annotators) or Hub id
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -34,11 +78,28 @@ class DataConfig:
     caption_column: str = "text"
 
     def __post_init__(self) -> None:
+        check(self.source == "synthetic" or self.train_data_dir is not None, "train_data_dir",
+              self.train_data_dir, f"a path when source is {self.source!r}")
+
+    def check_world_resolution(self, resolution: int, key: str) -> None:
+        """Synthetic scenes are rendered at the run's resolution; ``key`` is where the world's lives."""
+        if self.source == "synthetic":
+            check(self.world.resolution == resolution, key, self.world.resolution,
+                  f"equal to resolution ({resolution})")
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """Meta-training's tasks and where their examples come from."""
+
+    tasks: list[str] = field(default_factory=lambda: ["canny", "hed", "depth", "pose"])
+    pool_size: int = 512  # synthetic scenes per task pool, rendered once at start-up
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check(len(self.tasks) >= 1, "tasks", self.tasks, "at least one condition name")
         check(len(set(self.tasks)) == len(self.tasks), "tasks", self.tasks, "no repeated task")
         check(self.pool_size >= 8, "pool_size", self.pool_size, "at least 8")
-        check(self.source == "synthetic" or self.train_data_dir is not None, "train_data_dir",
-              self.train_data_dir, f"a path when data.source is {self.source!r}")
 
 
 @dataclass
@@ -57,7 +118,7 @@ class MetaConfig:
     outer_optimizer: Literal["sgd", "adamw"] = "sgd"
     outer_learning_rate: float = 1.0
     outer_weight_decay: float = 0.0
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_scheduler: SchedulerName = "constant"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     # > 0: meta-learn a LoRA start instead: the ControlNet (controlnet_model_name_or_path, e.g. a joint one) stays
@@ -94,46 +155,86 @@ class FreezeConfig:
 
     def __post_init__(self) -> None:
         for phase in ("inner", "outer"):
-            spec = getattr(self, phase)
-            check(not isinstance(spec, str) or spec in PRESETS, phase, spec,
-                  f"one of {', '.join(PRESETS)} or a list of glob patterns")
+            check_freeze_spec(phase, getattr(self, phase))
 
 
 @dataclass
-class MetaTrainConfig:
-    pretrained_model_name_or_path: str = "checkpoints/tiny-sd"
-    revision: str | None = None
-    controlnet_model_name_or_path: str | None = None  # start from this ControlNet instead of from_unet
+class MetaTrainConfig(RunConfig):
+    """``meta_train.py``: a shared initialisation learned over ``data.tasks``."""
+
     output_dir: str = "outputs/meta-controlnet-tiny"
-    seed: int = 0
-    resolution: int = 64
     data: DataConfig = field(default_factory=DataConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
-    mixed_precision: Literal["no", "fp16", "bf16"] | None = None  # None: whatever accelerate launch says
-    gradient_checkpointing: bool = False
-    enable_xformers_memory_efficient_attention: bool = False
-    cache: Literal["latents", "none"] = "latents"
-    cache_dir: str | None = None  # encodings cache; None: .cache/metacontrol (synthetic) or next to the data
-    checkpointing_steps: int = 50
-    checkpoints_total_limit: int | None = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
-    validation_steps: int = 50
-    num_validation_images: int = 2
-    validation_inference_steps: int = 20
-    report_to: Literal["tensorboard", "none"] = "tensorboard"
-    logging_dir: str = "logs"
-    num_threads: int | None = None  # torch CPU threads per process (None: torch's default)
 
     def __post_init__(self) -> None:
-        check(self.resolution >= 8, "resolution", self.resolution, "an integer >= 8")
-        check(self.checkpointing_steps >= 1, "checkpointing_steps", self.checkpointing_steps, "a positive integer")
-        check(self.validation_steps >= 0, "validation_steps", self.validation_steps, ">= 0 (0 disables)")
-        check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit",
-              self.checkpoints_total_limit, "null or a positive integer")
+        super().__post_init__()
         check(self.meta.lora_rank == 0 or self.freeze.inner == self.freeze.outer == "none", "freeze",
               f"{self.freeze.inner} / {self.freeze.outer}",
               "'none' for both phases when meta.lora_rank > 0 (the adapters and zero convolutions are what trains)")
-        if self.data.source == "synthetic":
-            check(self.data.world.resolution == self.resolution, "data.world.resolution",
-                  self.data.world.resolution, f"equal to resolution ({self.resolution})")
+        self.data.check_world_resolution(self.resolution, "data.world.resolution")
+
+
+@dataclass
+class FinetuneConfig(SourceConfig, RunConfig):
+    """``train/finetune.py``: one new condition from ``shots`` examples (the first ones of the source from
+    ``shot_offset`` on), full or LoRA. The source keys sit at the top level here."""
+
+    # null: outputs/finetune-{condition}-{mode}, so runs of another kind never overwrite
+    output_dir: str | None = None
+    condition: str = "normal"
+    shots: int = 16
+    shot_offset: int = 0  # index of the first example used: seeds of a benchmark draw disjoint shots
+    # -- optimisation --------------------------------------------------------------------------------------
+    max_train_steps: int = 100
+    train_batch_size: int = 8  # per process, drawn without replacement from the shots every step
+    learning_rate: float = 5e-4
+    adam_beta1: float = 0.9  # 0 is Reptile's choice (no momentum), for adapting a Reptile start as it was trained
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    lr_scheduler: SchedulerName = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mode: Literal["full", "lora"] = "full"
+    freeze: FreezeSpec = "none"  # full mode: a preset (none | paper | zero_convs_only) or glob patterns
+    lora_rank: int = 8
+    lora_alpha: float | None = None  # null: lora_rank (scale 1)
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
+    lora_modules_to_save: list[str] = field(default_factory=lambda: list(LORA_FULLY_TRAINED))
+    # A saved adapter to start from (the `lora/` folder of a meta-learned LoRA start) instead of a fresh LoRA;
+    # controlnet_model_name_or_path must then be the ControlNet it was trained on (its model card names it).
+    lora_init: str | None = None
+    # -- run machinery that differs from meta-training's defaults -------------------------------------------
+    checkpoints_total_limit: int | None = 1
+    save_steps: list[int] = field(default_factory=list)  # also save the ControlNet to output_dir/step-{N}
+    validation_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.condition in condition_names(), "condition", self.condition,
+              f"one of {', '.join(condition_names())}")
+        if self.output_dir is None:
+            self.output_dir = f"outputs/finetune-{self.condition}-{self.mode}"
+        RunConfig.__post_init__(self)
+        SourceConfig.__post_init__(self)
+        self.check_world_resolution(self.resolution, "world.resolution")
+        check(self.shots >= 1, "shots", self.shots, "a positive integer")
+        check(self.shot_offset >= 0, "shot_offset", self.shot_offset, "an integer >= 0")
+        check(1 <= self.train_batch_size <= self.shots, "train_batch_size", self.train_batch_size,
+              f"from 1 to shots ({self.shots}): a batch holds distinct examples")
+        check(self.max_train_steps >= 0, "max_train_steps", self.max_train_steps, ">= 0")
+        check(self.learning_rate > 0, "learning_rate", self.learning_rate, "> 0")
+        for key in ("adam_beta1", "adam_beta2"):
+            check(0 <= getattr(self, key) < 1, key, getattr(self, key), "a number in [0, 1)")
+        check(self.adam_weight_decay >= 0, "adam_weight_decay", self.adam_weight_decay, ">= 0")
+        check(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, ">= 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+        check_freeze_spec("freeze", self.freeze)
+        check(self.mode == "full" or self.freeze == "none", "freeze", self.freeze,
+              "'none' in lora mode (LoRA picks its layers by lora_target_modules and lora_modules_to_save)")
+        check(self.lora_init is None or self.mode == "lora", "lora_init", self.lora_init,
+              "null unless mode is 'lora'")
+        check(self.lora_rank >= 1, "lora_rank", self.lora_rank, "a positive integer")
+        check(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "null or > 0")
+        check(all(1 <= s <= self.max_train_steps for s in self.save_steps) and len(set(self.save_steps))
+              == len(self.save_steps), "save_steps", self.save_steps,
+              f"distinct step numbers from 1 to max_train_steps ({self.max_train_steps})")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from metacontrol.checkpointing import atomic_files
-from metacontrol.configuration import ConfigError
+from metacontrol.atomic import atomic_files
+from metacontrol.config_loader import ConfigError
 from metacontrol.models.base import load_failure, local_folder
 
 # Stable Diffusion's conditioning-embedding widths; it downsamples by 2 per entry after the first.

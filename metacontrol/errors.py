@@ -17,9 +17,9 @@ import os
 import sys
 from collections.abc import Callable
 
-from metacontrol.configuration import ConfigError
+from metacontrol.checkpointing import TrainingInterrupted
+from metacontrol.config_loader import ConfigError
 from metacontrol.data.images import BadSampleError
-from metacontrol.training import TrainingInterrupted
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C

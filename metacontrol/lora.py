@@ -7,7 +7,6 @@ inner loop trains only the adapters and the zero convolutions.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import re
 from pathlib import Path
 
@@ -15,12 +14,13 @@ import torch
 from diffusers import ControlNetModel
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from metacontrol.checkpointing import atomic_directory
-from metacontrol.configuration import ConfigError
+from metacontrol.atomic import atomic_directory
+from metacontrol.config_loader import ConfigError
 from metacontrol.controlnet import save_controlnet
+from metacontrol.freezing import matches
 
 # Layers that get a LoRA: attention projections and the convolutions of the resnets and of the
-# condition encoder. Globs over Linear/Conv2d names; ``to_q`` means ``*.to_q``.
+# condition encoder. Patterns over Linear/Conv2d names (``freezing.matches``: ``to_q`` is every ``*.to_q``).
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_in",
                        "controlnet_cond_embedding.blocks.*"]  # fmt: skip
 # Layers trained fully beside the adapters: every zero-initialised convolution (see ``add_lora``).
@@ -30,11 +30,11 @@ ADAPTER_FOLDER = "lora"  # a saved LoRA model keeps its adapter here, beside the
 
 
 def matching_layers(controlnet: ControlNetModel, patterns: list[str], key: str) -> list[str]:
-    """Linear/Conv2d layers matching any glob (``to_q`` = ``*.to_q``); a pattern matching none is an error."""
+    """Linear/Conv2d layers matching any pattern (``freezing.matches``); a pattern matching none is an error."""
     layers = [n for n, m in controlnet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     found: set[str] = set()
     for pattern in patterns:
-        hits = {n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in (pattern, f"*.{pattern}"))}
+        hits = {n for n in layers if matches(n, pattern)}
         if not hits:
             raise ConfigError(f"{key}: pattern {pattern!r} matches no Linear/Conv2d layer of the ControlNet")
         found |= hits

@@ -17,6 +17,21 @@ from diffusers import ControlNetModel
 from metacontrol.models.base import BaseModel
 
 
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss: the run stops, naming where, and the last good checkpoint stays as it was."""
+
+
+def check_finite(loss: torch.Tensor, where: str) -> torch.Tensor:
+    """``loss``, or a ``NonFiniteLossError`` naming ``where`` (step, task, sample indices) it went NaN/inf.
+
+    The one NaN check of every training loop; under several processes ``run.stop_if_failed_anywhere``
+    then tells the others, so none waits forever in the next collective.
+    """
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()} at {where}; the run stopped and the last checkpoint is kept")
+    return loss
+
+
 class ControlNetObjective:
     """Epsilon (or v) prediction loss of the frozen UNet steered by the ControlNet being trained.
 

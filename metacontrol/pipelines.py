@@ -1,4 +1,6 @@
-"""Generation with the standard diffusers pipelines, for validation grids and evaluation."""
+"""Generation with the standard diffusers pipelines over an in-memory base model, for validation grids,
+evaluation and the base model's quality check; and the VAE round trip (the ceiling of what a ControlNet
+can reach through this VAE)."""
 
 from __future__ import annotations
 
@@ -6,23 +8,45 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
+from diffusers import (
+    ControlNetModel,
+    DPMSolverMultistepScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+)
 
 from metacontrol.models.base import BaseModel
 
 GUIDANCE_SCALE = 4.0
 
 
-def controlnet_pipeline(base: BaseModel, controlnet: ControlNetModel) -> StableDiffusionControlNetPipeline:
-    """A ``StableDiffusionControlNetPipeline`` over the in-memory base model (no reload, DPM-Solver)."""
-    scheduler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config)
-    pipe = StableDiffusionControlNetPipeline(
+def base_pipeline(base: BaseModel) -> StableDiffusionPipeline:
+    """A plain ``StableDiffusionPipeline`` over the in-memory base model (no reload, DPM-Solver): no control."""
+    pipe = StableDiffusionPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        controlnet=controlnet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def controlnet_pipeline(base: BaseModel, controlnet: ControlNetModel) -> StableDiffusionControlNetPipeline:
+    """A ``StableDiffusionControlNetPipeline`` over the in-memory base model (no reload, DPM-Solver)."""
+    pipe = StableDiffusionControlNetPipeline(
+        **base_pipeline(base).components, controlnet=controlnet, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def vae_roundtrip(base: BaseModel, images: list[np.ndarray] | np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 3) images encoded (posterior mode) and decoded by the base model's VAE."""
+    vae = base.vae
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
+    out = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+    return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 @torch.no_grad()

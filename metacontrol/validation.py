@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
-from metacontrol.config import MetaTrainConfig
+from metacontrol.config import SourceConfig
 from metacontrol.data.pools import TaskData, synthetic_pools
 from metacontrol.models.base import BaseModel
 from metacontrol.pipelines import controlnet_pipeline, generate
@@ -18,24 +19,31 @@ from metacontrol.visual import save_grid
 logger = logging.getLogger(__name__)
 
 
-def validation_samples(cfg: MetaTrainConfig, data: dict[str, TaskData]
-                       ) -> dict[str, tuple[list[np.ndarray], list[str], list[np.ndarray]]]:
-    """Per task: held-out (val split) condition maps, captions and ground-truth images; the first samples of real data."""
-    n = cfg.num_validation_images
-    if cfg.data.source == "synthetic":
-        pools = synthetic_pools(cfg.data.world, cfg.data.tasks, n, "val", show_progress=False)
-        data = dict(pools)
+@dataclass
+class ValidationSamples:
+    """One task's validation rows, uint8 (H, W, 3) each: built once, before the loop."""
+
+    maps: list[np.ndarray]
+    captions: list[str]
+    truths: list[np.ndarray]
+
+
+def validation_samples(source: SourceConfig, data: dict[str, TaskData], count: int) -> dict[str, ValidationSamples]:
+    """Per task: held-out (val split) synthetic scenes, or the first ``count`` samples of real training data."""
+    if source.source == "synthetic":
+        data = dict(synthetic_pools(source.world, list(data), count, "val", show_progress=False))
     out = {}
     for task, task_data in data.items():
-        batch = task_data.item_tensors(range(min(n, len(task_data))))
+        batch = task_data.item_tensors(range(min(count, len(task_data))))
         maps = (batch["conditioning_pixel_values"] * 255).round().byte().permute(0, 2, 3, 1).numpy()
         truths = ((batch["pixel_values"] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-        out[task] = (list(maps), list(batch["caption"]), list(truths))
+        out[task] = ValidationSamples(list(maps), list(batch["caption"]), list(truths))
     return out
 
 
-def log_validation(cfg: MetaTrainConfig, base: BaseModel, controlnet: torch.nn.Module, accelerator: Accelerator,
-                   step: int, data: dict[str, TaskData]) -> Path | None:
+def log_validation(accelerator: Accelerator, base: BaseModel, controlnet: torch.nn.Module,
+                   samples: dict[str, ValidationSamples], step: int, output_dir: Path, *, seed: int,
+                   inference_steps: int) -> Path | None:
     """Main process generates and saves the grid; the others wait (no collective inside: no deadlock)."""
     path = None
     if accelerator.is_main_process:
@@ -43,12 +51,12 @@ def log_validation(cfg: MetaTrainConfig, base: BaseModel, controlnet: torch.nn.M
         controlnet.eval()
         pipe = controlnet_pipeline(base, controlnet)
         rows, labels, prompts = [], [], []
-        for task, (maps, captions, truths) in validation_samples(cfg, data).items():
-            images = generate(pipe, captions, maps, seed=cfg.seed, steps=cfg.validation_inference_steps)
-            rows += [list(sample) for sample in zip(maps, images, truths)]
-            labels += [task] * len(maps)
-            prompts += captions
-        path = save_grid(Path(cfg.output_dir) / "validation" / f"step-{step:06d}.png", rows, labels,
+        for task, task_samples in samples.items():
+            images = generate(pipe, task_samples.captions, task_samples.maps, seed=seed, steps=inference_steps)
+            rows += [list(sample) for sample in zip(task_samples.maps, images, task_samples.truths)]
+            labels += [task] * len(task_samples.maps)
+            prompts += task_samples.captions
+        path = save_grid(Path(output_dir) / "validation" / f"step-{step:06d}.png", rows, labels,
                          ["condition", "generated", "ground truth"], row_captions=prompts)
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":

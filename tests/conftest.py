@@ -22,8 +22,8 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     """A randomly initialised SD-shaped pipeline folder (x4 VAE, 32 px), saved with save_pretrained."""
     import torch
 
-    from metacontrol.data.world import vocabulary
     from metacontrol.models.tiny import TinySDConfig, tiny_pipeline
+    from metacontrol.world import vocabulary
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-sd")

@@ -78,7 +78,7 @@ def test_intervals_bracket_means_and_pairs_are_paired(bench):
 def test_paired_reference_only_and_overrides_name_known_labels():
     import sys
 
-    from metacontrol.configuration import ConfigError, load_config
+    from metacontrol.config_loader import ConfigError, load_config
     from tests.conftest import REPO
 
     sys.path.insert(0, str(REPO / "bench"))

@@ -12,7 +12,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from metacontrol.cache import (
+from metacontrol.controlnet import create_controlnet
+from metacontrol.data.datasets import CACHE_FOLDER, ImageFolderDataset
+from metacontrol.data.encoding_cache import (
     DEFAULT_CACHE_DIR,
     INDEX_FILE,
     EncodingStore,
@@ -23,14 +25,12 @@ from metacontrol.cache import (
     key_material,
     model_material,
 )
-from metacontrol.controlnet import create_controlnet
-from metacontrol.data.datasets import CACHE_FOLDER, ImageFolderDataset
 from metacontrol.data.pools import CACHED_KEYS, DatasetTaskData, TensorPool, synthetic_pools
-from metacontrol.data.sampler import TaskSampler
-from metacontrol.data.world import WorldConfig
 from metacontrol.meta.algorithms import MetaLearner
+from metacontrol.meta.episodes import TaskSampler
 from metacontrol.models.base import BaseModel, load_base_model
 from metacontrol.objective import ControlNetObjective
+from metacontrol.world import WorldConfig
 
 RES = 32  # the tiny_sd_dir model's resolution
 POOL = 8
@@ -87,8 +87,9 @@ def _meta_train(base: BaseModel, data: dict[str, TensorPool], meta_steps: int = 
     params = list(controlnet.parameters())
     # SGD, not meta_train's Adam: Adam's normalised steps turn last-bit gradient differences of
     # near-zero gradients into step-sized weight differences, which would say nothing about the cache.
-    learner = MetaLearner(params, params, "reptile", "sgd", 0.1)
-    sampler = TaskSampler(TASKS, {t: len(d) for t, d in data.items()}, 2, 2, 2, 2)
+    learner = MetaLearner(params, params, algorithm="reptile", inner_optimizer="sgd", inner_learning_rate=0.1)
+    sampler = TaskSampler(tasks=TASKS, pool_sizes={t: len(d) for t, d in data.items()}, tasks_per_step=2, inner_steps=2,
+                          support_batch_size=2, query_batch_size=2)
     outer = torch.optim.SGD(params, lr=1.0)
 
     def batch_loss(episode, indices, phase):
@@ -190,7 +191,7 @@ def test_a_corrupt_shard_is_detected_warned_about_and_rebuilt(base, tmp_path, ca
     CORRUPTIONS[corruption](shard)
 
     reloaded = _pools()
-    with caplog.at_level(logging.WARNING, logger="metacontrol.cache"):
+    with caplog.at_level(logging.WARNING, logger="metacontrol.data.encoding_cache"):
         stores, calls = _attach(reloaded, base, tmp_path, shard_size=4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and str(shard) in warnings[0] and "samples 4-7" in warnings[0]
@@ -207,7 +208,7 @@ def test_a_corrupt_shard_is_detected_warned_about_and_rebuilt(base, tmp_path, ca
 def test_an_unreadable_index_reencodes_everything(base, tmp_path, caplog):
     stores, _ = _attach(_pools(), base, tmp_path)
     (stores["canny"].directory / INDEX_FILE).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="metacontrol.cache"):
+    with caplog.at_level(logging.WARNING, logger="metacontrol.data.encoding_cache"):
         stores, calls = _attach(_pools(), base, tmp_path)
     assert calls > 0 and stores["canny"].loaded == 0 and "index" in caplog.records[0].getMessage()
     json.loads((stores["canny"].directory / INDEX_FILE).read_text())  # rewritten

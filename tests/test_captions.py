@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from metacontrol.data.datasets import ImageFolderDataset
 from metacontrol.data.images import BadSampleError
 from metacontrol.data.pools import TensorPool, synthetic_pools, warn_unknown_words
-from metacontrol.data.world import WorldConfig
+from metacontrol.world import WorldConfig
 
 
 def caption_folder(root: Path, captions: list[str], key: str = "text", size: int = 32) -> Path:

@@ -15,8 +15,8 @@ from PIL import Image
 from metacontrol.cli import COMMANDS
 from metacontrol.commands import condition_map, generate_image, generate_main
 from metacontrol.conditions import get_condition, load_annotator
-from metacontrol.configuration import ConfigError
-from metacontrol.data.world import SceneWorld, WorldConfig
+from metacontrol.config_loader import ConfigError
+from metacontrol.world import SceneWorld, WorldConfig
 from tests.conftest import PYTHON, REPO, run_script
 
 CLI = [PYTHON, "-m", "metacontrol.cli"]

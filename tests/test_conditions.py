@@ -22,8 +22,8 @@ from metacontrol.conditions import (
     load_annotator,
 )
 from metacontrol.conditions.builtin import ADE20K_CLASS_INDEX, ADE20K_COLOURS, draw_openpose
-from metacontrol.configuration import ConfigError
-from metacontrol.data.world import CLASS_ID, CLASSES, Scene, SceneWorld, WorldConfig
+from metacontrol.config_loader import ConfigError
+from metacontrol.world import CLASS_ID, CLASSES, Scene, SceneWorld, WorldConfig
 
 # controlnet-aux's import warns about optional extras (mediapipe) and re-registered timm models: not ours.
 pytestmark = [

@@ -5,6 +5,7 @@ A config typo should cost seconds, so every error path is checked for the words 
 
 from __future__ import annotations
 
+import importlib
 import runpy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Literal
 import pytest
 
 from metacontrol.config import MetaTrainConfig
-from metacontrol.configuration import ConfigError, from_dict, load_config, parse_overrides
+from metacontrol.config_loader import ConfigError, from_dict, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,12 +237,13 @@ def test_lora_start_refuses_freezing() -> None:
 
 
 # Every script takes --config plus key=value overrides from the same parser.
-SCRIPTS = ("meta_train.py", "train/finetune.py", "train/evaluate.py", "train/pretrain_base.py", "bench/adaptation.py")
+SCRIPTS = ("meta_train", "finetune", "evaluate", "pretrain_base")
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", [*SCRIPTS, "bench/adaptation.py"])
 def test_overrides_are_accepted_on_either_side_of_config(script: str) -> None:
-    parse_args = runpy.run_path(str(REPO / script))["parse_args"]
+    parse_args = (runpy.run_path(str(REPO / script)) if script.endswith(".py") else
+                  vars(importlib.import_module(f"metacontrol.scripts.{script}")))["parse_args"]
     args = parse_args(["a.b=1", "--config", "configs/x.yaml", "c=[1, 2]"])
     assert args.config == "configs/x.yaml" and args.overrides == ["a.b=1", "c=[1, 2]"]
     assert parse_args(["a.b=1"]).overrides == ["a.b=1"]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from metacontrol.conditions import AnnotatorUnavailable, get_condition
-from metacontrol.configuration import ConfigError
+from metacontrol.config_loader import ConfigError
 from metacontrol.data.annotation_cache import AnnotationCache
 from metacontrol.data.datasets import (
     SPLIT_SEED_OFFSETS,
@@ -23,7 +23,7 @@ from metacontrol.data.datasets import (
     to_example,
 )
 from metacontrol.data.images import BadSampleError, load_rgb, pil_to_rgb
-from metacontrol.data.world import WorldConfig
+from metacontrol.world import WorldConfig
 
 RES = 64
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from metacontrol.configuration import ConfigError
+from metacontrol.config_loader import ConfigError
 from metacontrol.data.images import BadSampleError
 from metacontrol.errors import run_main
 from tests.conftest import ACCELERATE_LAUNCH, PYTHON, REPO, meta_train_args, run_script, script_env

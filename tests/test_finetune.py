@@ -50,8 +50,8 @@ def _generate(tiny_sd_dir: Path, folder: Path) -> np.ndarray:
 
 def test_output_folder_is_named_after_condition_and_mode():
     """A LoRA run after the README's full one must not overwrite it; an explicit output_dir still wins."""
-    from metacontrol.configuration import load_config
-    from metacontrol.finetune_config import FinetuneConfig
+    from metacontrol.config import FinetuneConfig
+    from metacontrol.config_loader import load_config
 
     config = REPO / "configs/finetune_tiny.yaml"
     assert load_config(FinetuneConfig, config).output_dir == "outputs/finetune-normal-full"
@@ -89,9 +89,9 @@ def test_full_mode_learns_and_runs_in_the_pipeline(full_run, tiny_sd_dir):
 
     from metacontrol.controlnet import create_controlnet
     from metacontrol.data.pools import synthetic_pools
-    from metacontrol.data.world import WorldConfig
     from metacontrol.models.base import load_base_model
     from metacontrol.objective import ControlNetObjective
+    from metacontrol.world import WorldConfig
 
     image = _generate(tiny_sd_dir, full_run)
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()

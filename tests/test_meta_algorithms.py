@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metacontrol.freezing import set_requires_grad, trainable_parameters
 from metacontrol.meta.algorithms import MetaLearner, ParameterSnapshot
-from metacontrol.meta.freezing import set_requires_grad, trainable_parameters
 
 
 def _quadratic(params, target: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _sgd_by_hand(theta: list[torch.Tensor], target: torch.Tensor) -> list[torch.
 
 def _run(algorithm: str) -> tuple[list[torch.nn.Parameter], MetaLearner]:
     params = _model()
-    learner = MetaLearner(params, params, algorithm, "sgd", LR, max_grad_norm=None)
+    learner = MetaLearner(params, params, algorithm=algorithm, inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None)
     learner.begin()
     for target, query_target in zip(TARGETS, QUERY_TARGETS):
         learner.adapt([lambda t=target: _quadratic(params, t)] * STEPS)
@@ -80,7 +80,7 @@ def test_fomaml_meta_gradient_is_mean_query_gradient_at_phi():
 def test_inner_adam_state_is_fresh_per_task():
     """Two identical tasks must give identical phi: no optimiser state leaks from task 1 into task 2."""
     params = _model()
-    learner = MetaLearner(params, params, "reptile", "adam", 0.05, max_grad_norm=None)
+    learner = MetaLearner(params, params, algorithm="reptile", inner_optimizer="adam", inner_learning_rate=0.05, max_grad_norm=None)
     learner.begin()
     phis = []
     for _ in range(2):
@@ -93,7 +93,7 @@ def test_inner_adam_state_is_fresh_per_task():
 
 def test_joint_step_is_gradient_of_mean_loss():
     params = _model()
-    learner = MetaLearner(params, params, "joint", "sgd", LR, max_grad_norm=None)
+    learner = MetaLearner(params, params, algorithm="joint", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None)
     learner.joint_step([lambda t=t: _quadratic(params, t) for t in TARGETS], total_tasks=2)
     w = params[0].detach()
     expected = sum(2 * (w - t) for t in TARGETS) / 2
@@ -103,7 +103,7 @@ def test_joint_step_is_gradient_of_mean_loss():
 def test_outer_only_parameters_get_zero_reptile_update_and_frozen_inner_stay_put():
     """A parameter frozen in the inner loop does not move during adaptation; Reptile's delta for it is 0."""
     params = _model()
-    learner = MetaLearner([params[0]], params, "reptile", "sgd", LR, max_grad_norm=None)
+    learner = MetaLearner([params[0]], params, algorithm="reptile", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None)
     b_before = params[1].detach().clone()
     learner.begin()
     learner.adapt([lambda: _quadratic(params, TARGETS[0])] * STEPS)
@@ -138,7 +138,7 @@ def test_inner_adam_with_beta1_zero_matches_hand_computation():
     """Reptile's authors' inner Adam (beta1 = 0): the step is lr * g_t / (sqrt(v_t / (1 - b2^t)) + eps)."""
     lr, b2, eps = 0.05, 0.9, 1e-8
     params = _model()
-    learner = MetaLearner(params, params, "reptile", "adam", lr, max_grad_norm=None, inner_betas=(0.0, b2))
+    learner = MetaLearner(params, params, algorithm="reptile", inner_optimizer="adam", inner_learning_rate=lr, max_grad_norm=None, inner_betas=(0.0, b2))
     learner.begin()
     learner.adapt([lambda: _quadratic(params, TARGETS[0])] * 2)
     w, v = _model()[0].detach().clone(), torch.zeros(3)
@@ -154,7 +154,7 @@ def test_linear_annealed_reptile_outer_steps_match_hand_computation():
     from diffusers.optimization import get_scheduler
 
     params, total, eps = _model(), 3, 1.0
-    learner = MetaLearner(params, params, "reptile", "sgd", LR, max_grad_norm=None)
+    learner = MetaLearner(params, params, algorithm="reptile", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None)
     outer = torch.optim.SGD(params, lr=eps)
     schedule = get_scheduler("linear", outer, num_warmup_steps=0, num_training_steps=total)
     theta = [p.detach().clone() for p in params]
@@ -187,7 +187,7 @@ def test_grad_scaler_overflow_backs_off_and_recomputes_the_same_gradient():
     """A query gradient that overflows at the current scale is recomputed at a lower one, not dropped."""
     def query_gradient(scaler: torch.amp.GradScaler | None) -> list[torch.Tensor]:
         params = _model()
-        learner = MetaLearner(params, params, "fomaml", "sgd", LR, max_grad_norm=None, grad_scaler=scaler)
+        learner = MetaLearner(params, params, algorithm="fomaml", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None, grad_scaler=scaler)
         learner.begin()
         learner.adapt([])  # no inner step: the scaler meets its first inf in the query backward
         learner.accumulate(lambda: _quadratic(params, QUERY_TARGETS[0]))
@@ -203,7 +203,7 @@ def test_grad_scaler_overflow_backs_off_and_recomputes_the_same_gradient():
 
 def _run_fomaml_with(scaler: torch.amp.GradScaler) -> list[torch.nn.Parameter]:
     params = _model()
-    learner = MetaLearner(params, params, "fomaml", "sgd", LR, max_grad_norm=None, grad_scaler=scaler)
+    learner = MetaLearner(params, params, algorithm="fomaml", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None, grad_scaler=scaler)
     learner.begin()
     for target, query_target in zip(TARGETS, QUERY_TARGETS):
         learner.adapt([lambda t=target: _quadratic(params, t)] * STEPS)
@@ -214,7 +214,7 @@ def _run_fomaml_with(scaler: torch.amp.GradScaler) -> list[torch.nn.Parameter]:
 
 def _joint(scaler: torch.amp.GradScaler | None) -> list[torch.nn.Parameter]:
     params = _model()
-    learner = MetaLearner(params, params, "joint", "sgd", LR, max_grad_norm=None, grad_scaler=scaler)
+    learner = MetaLearner(params, params, algorithm="joint", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None, grad_scaler=scaler)
     learner.joint_step([lambda t=t: _quadratic(params, t) for t in TARGETS], total_tasks=2)
     return params
 
@@ -225,7 +225,7 @@ def test_parameters_frozen_in_both_phases_get_no_gradient():
     inner = trainable_parameters(model, ["0.*"], "freeze.inner")
     outer = trainable_parameters(model, ["0.*"], "freeze.outer")
     set_requires_grad(model, inner + outer)
-    learner = MetaLearner(inner, outer, "fomaml", "sgd", LR, max_grad_norm=None)
+    learner = MetaLearner(inner, outer, algorithm="fomaml", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None)
     x = torch.randn(4, 3)
     learner.begin()
     learner.adapt([lambda: model(x).pow(2).mean()] * 2)

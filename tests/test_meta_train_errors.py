@@ -9,8 +9,8 @@ import pytest
 from accelerate.state import AcceleratorState
 
 import meta_train
-from metacontrol.configuration import ConfigError
-from metacontrol.data.sampler import TaskSampler
+from metacontrol.config_loader import ConfigError
+from metacontrol.meta.episodes import TaskSampler
 from tests.conftest import REPO, meta_train_args
 
 
@@ -85,13 +85,16 @@ def test_unknown_algorithm_names_key_and_choices(tiny_sd_dir, tmp_path):
 
 def test_tasks_must_split_evenly_over_processes():
     with pytest.raises(ConfigError, match=r"tasks_per_meta_step \(3\) must be a multiple of the number of processes \(2\)"):
-        TaskSampler(["canny", "hed"], {"canny": 8, "hed": 8}, 3, 1, 2, 2, num_processes=2)
+        TaskSampler(tasks=["canny", "hed"], pool_sizes={"canny": 8, "hed": 8}, tasks_per_step=3, inner_steps=1,
+                    support_batch_size=2, query_batch_size=2, num_processes=2)
 
 
 def test_sampler_processes_partition_the_single_process_episodes():
     sizes = {t: 32 for t in ("canny", "hed", "depth", "pose")}
-    one = TaskSampler(list(sizes), sizes, 4, 3, 4, 4, seed=7)
-    two = [TaskSampler(list(sizes), sizes, 4, 3, 4, 4, seed=7, process_index=i, num_processes=2) for i in (0, 1)]
+    shape = dict(tasks=list(sizes), pool_sizes=sizes, tasks_per_step=4, inner_steps=3, support_batch_size=4,
+                 query_batch_size=4, seed=7)
+    one = TaskSampler(**shape)
+    two = [TaskSampler(**shape, process_index=i, num_processes=2) for i in (0, 1)]
     for step in range(5):
         merged = sorted(two[0].episodes(step) + two[1].episodes(step), key=lambda e: e.slot)
         assert merged == one.episodes(step)
@@ -101,7 +104,7 @@ def test_sampler_processes_partition_the_single_process_episodes():
 
 
 def test_resuming_from_an_incomplete_checkpoint_names_what_is_missing(tmp_path):
-    from metacontrol.training import resolve_resume_path
+    from metacontrol.checkpointing import resolve_resume_path
 
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()

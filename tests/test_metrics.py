@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from metacontrol.data.world import CLASS_ID, CLASSES, Scene, SceneObject, SceneWorld
 from metacontrol.eval.metrics import (
     boundary_f1,
     canny_edges,
@@ -25,6 +24,7 @@ from metacontrol.eval.metrics import (
     segment_by_scene_colours,
     ssim,
 )
+from metacontrol.world import CLASS_ID, CLASSES, Scene, SceneObject, SceneWorld
 
 
 def _line(shape=(32, 32), row=10, cols=slice(4, 28)) -> np.ndarray:

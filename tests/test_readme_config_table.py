@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from metacontrol.config import MetaTrainConfig
-from metacontrol.configuration import load_config
+from metacontrol.config_loader import load_config
 from tests.conftest import REPO
 
 ROW = re.compile(r"^\| ((?:`[^`]+`(?: / )?)+) \| (.*?) \|")  # | `key` / `key` | default / default | meaning |

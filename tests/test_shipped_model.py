@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from metacontrol.data.world import WorldConfig, vocabulary
 from metacontrol.models.tiny import TinySDConfig, build_unet, build_vae
+from metacontrol.world import WorldConfig, vocabulary
 
 TINY_SD = Path(__file__).resolve().parents[1] / "checkpoints" / "tiny-sd"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from metacontrol.configuration import ConfigError
-from metacontrol.data.world import (
+from metacontrol.config_loader import ConfigError
+from metacontrol.world import (
     CAMERA_HEIGHT,
     CLASS_ID,
     CLASSES,

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 
 from metacontrol.conditions.annotators import AnnotatorSpec, AnnotatorUnavailable, load_annotator
-from metacontrol.configuration import ConfigError
-from metacontrol.data.world import Scene
+from metacontrol.config_loader import ConfigError
+from metacontrol.world import Scene
 
 
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:

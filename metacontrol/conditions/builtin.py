@@ -13,7 +13,7 @@ import numpy as np
 
 from metacontrol.conditions.annotators import AnnotatorSpec
 from metacontrol.conditions.base import Condition, register, to_rgb_uint8
-from metacontrol.data.world import CLASSES, Scene
+from metacontrol.world import CLASSES, Scene
 
 # ADE20K palette entries (controlnet_aux.util.ade_palette) for the world's classes: the segmentation
 # ControlNets of the community were trained on ADE20K colours.

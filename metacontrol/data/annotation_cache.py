@@ -11,12 +11,9 @@ a cache never read a half-written file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from metacontrol.atomic import atomic_write
 from metacontrol.conditions import AnnotatorSpec, Condition
 
 logger = logging.getLogger(__name__)
@@ -119,18 +117,8 @@ class AnnotationCache:
         return result
 
     def _store(self, path: Path, condition_map: np.ndarray) -> None:
-        """Write via a temporary file in the same folder and ``os.replace``, which is atomic."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as file:
-                    Image.fromarray(condition_map).save(file, format="PNG")
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            atomic_write(path, lambda file: Image.fromarray(condition_map).save(file, format="PNG"))
         except OSError as err:  # a read-only or full disk slows training down but must not stop it
             if not self._write_failed:
                 self._write_failed = True

@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from metacontrol.conditions import get_condition
-from metacontrol.configuration import ConfigError, check
+from metacontrol.config_loader import ConfigError, check
 from metacontrol.data.annotation_cache import AnnotationCache
 from metacontrol.data.images import BLACK, BadSampleError, BadSamplePolicy, OnBadSample, load_rgb, pil_to_rgb
-from metacontrol.data.world import Scene, SceneWorld, WorldConfig
+from metacontrol.world import Scene, SceneWorld, WorldConfig
 
 # Split s uses seeds SPLIT_SEED_OFFSETS[s] + index; the gap bounds split sizes so no scene is in two splits.
 SPLIT_SEED_OFFSETS = {"train": 0, "val": 1_000_000_000, "test": 2_000_000_000}

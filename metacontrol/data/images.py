@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from metacontrol.configuration import check
+from metacontrol.config_loader import check
 
 logger = logging.getLogger(__name__)
 

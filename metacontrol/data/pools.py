@@ -3,7 +3,7 @@
 The synthetic world is rendered once into an in-memory pool per split (each scene once, every task's
 condition from it); image folders and HF datasets are read lazily, item by item, through their
 ``Dataset`` (annotations are cached on disk there). Both can carry precomputed latents and text
-embeddings (see ``metacontrol.cache``), which the training objective then uses instead of the VAE
+embeddings (see ``metacontrol.data.encoding_cache``), which the training objective then uses instead of the VAE
 and text encoder.
 """
 
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from metacontrol.conditions import get_condition
 from metacontrol.data.datasets import SPLIT_SEED_OFFSETS
-from metacontrol.data.world import Scene, SceneWorld, WorldConfig
+from metacontrol.world import Scene, SceneWorld, WorldConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -9,14 +9,12 @@ reader applied to the ground-truth images gives its own accuracy, reported besid
 from __future__ import annotations
 
 import numpy as np
-import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from metacontrol.data.datasets import SPLIT_SEED_OFFSETS
-from metacontrol.data.world import COLOURS, Scene, SceneWorld, WorldConfig
 from metacontrol.eval.metrics import psnr
 from metacontrol.models.base import BaseModel
-from metacontrol.pipelines import generate
+from metacontrol.pipelines import base_pipeline, generate, vae_roundtrip
+from metacontrol.world import COLOURS, Scene, SceneWorld, WorldConfig
 
 PALETTE_NAMES = list(COLOURS)
 PALETTE = np.array([COLOURS[n] for n in PALETTE_NAMES], np.float32)
@@ -41,19 +39,15 @@ def read_colours(image: np.ndarray) -> tuple[str, str]:
     return PALETTE_NAMES[wall], PALETTE_NAMES[int(counts.argmax())]
 
 
-def test_scenes(world: WorldConfig, n: int) -> list[Scene]:
+def held_out_scenes(world: WorldConfig, n: int) -> list[Scene]:
     generator = SceneWorld(world)
     return [generator.sample(SPLIT_SEED_OFFSETS["test"] + i) for i in range(n)]
 
 
-@torch.no_grad()
 def vae_psnr(base: BaseModel, scenes: list[Scene]) -> float:
     """Mean PSNR (dB) of VAE reconstructions (posterior mode) of held-out images."""
-    vae = base.vae
     images = np.stack([s.image for s in scenes])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
-    recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
-    recon = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    recon = vae_roundtrip(base, images)
     return float(np.mean([psnr(r, i) for r, i in zip(recon, images)]))
 
 
@@ -72,13 +66,8 @@ def prompt_following(images: np.ndarray, scenes: list[Scene]) -> dict[str, float
 def base_model_quality(base: BaseModel, world: WorldConfig, num_samples: int = 48, seed: int = 0,
                        steps: int = 20) -> dict[str, float]:
     """VAE PSNR, prompt following of generations, and the colour reader's accuracy on the ground truth."""
-    scenes = test_scenes(world, num_samples)
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
+    scenes = held_out_scenes(world, num_samples)
+    pipe = base_pipeline(base)
     generated = generate(pipe, [s.caption for s in scenes], None, seed, steps,
                          size=(world.resolution, world.resolution))
     reference = prompt_following(np.stack([s.image for s in scenes]), scenes)

@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import ControlNetModel
 
 from metacontrol.conditions import AnnotatorUnavailable, get_condition
 from metacontrol.data.pools import synthetic_pools
-from metacontrol.data.world import Scene, WorldConfig
 from metacontrol.eval.metrics import (
     boundary_f1,
     canny_edges,
@@ -41,7 +40,8 @@ from metacontrol.eval.metrics import (
     ssim,
 )
 from metacontrol.models.base import BaseModel
-from metacontrol.pipelines import GUIDANCE_SCALE, controlnet_pipeline, generate
+from metacontrol.pipelines import GUIDANCE_SCALE, base_pipeline, controlnet_pipeline, generate, vae_roundtrip
+from metacontrol.world import Scene, WorldConfig
 
 Scores = dict[str, np.ndarray]  # metric -> one value per sample of an eval set
 
@@ -165,31 +165,16 @@ class Evaluator:
         # to within one grey level); evaluation owns the frozen base it is given.
         self.base.unet.to(memory_format=torch.channels_last)
 
-    def _scheduler(self):
-        return DPMSolverMultistepScheduler.from_config(self.base.noise_scheduler.config)
-
     def generate(self, controlnet: ControlNetModel | None, condition: str) -> np.ndarray:
         s, eval_set = self.settings, self.eval_sets[condition]
         if controlnet is None:
-            pipe = StableDiffusionPipeline(
-                vae=self.base.vae, text_encoder=self.base.text_encoder, tokenizer=self.base.tokenizer,
-                unet=self.base.unet, scheduler=self._scheduler(), safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False,
-            )  # fmt: skip
-            pipe.set_progress_bar_config(disable=True)
+            pipe = base_pipeline(self.base)
             h, w = eval_set.maps[0].shape[:2]
             return generate(pipe, eval_set.captions, None, s.seed, s.num_inference_steps, s.guidance_scale,
                             size=(h, w), batch_size=s.batch_size)
         pipe = controlnet_pipeline(self.base, controlnet.to(memory_format=torch.channels_last))
         return generate(pipe, eval_set.captions, eval_set.maps, s.seed, s.num_inference_steps, s.guidance_scale,
                         batch_size=s.batch_size)
-
-    @torch.no_grad()
-    def _vae_roundtrip(self, images: list[np.ndarray]) -> np.ndarray:
-        vae = self.base.vae
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).to(vae.device, vae.dtype) / 127.5 - 1
-        out = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
-        return ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     def floor_scores(self, condition: str) -> Scores:
         if condition not in self._floor:
@@ -200,7 +185,7 @@ class Evaluator:
     def ceiling_scores(self, condition: str) -> Scores:
         if condition not in self._ceiling:
             eval_set = self.eval_sets[condition]
-            self._ceiling[condition] = score_samples(eval_set, self._vae_roundtrip(eval_set.images),
+            self._ceiling[condition] = score_samples(eval_set, vae_roundtrip(self.base, eval_set.images),
                                                      self.settings.annotators)
         return self._ceiling[condition]
 

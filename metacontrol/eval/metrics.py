@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from metacontrol.data.world import Scene
+    from metacontrol.world import Scene
 
 __all__ = [
     "boundary_f1",
@@ -356,7 +356,7 @@ def segment_by_scene_colours(generated: np.ndarray, scene: Scene) -> tuple[np.nd
 
 def layout_miou(generated: np.ndarray, scene: Scene) -> float:
     """mIoU of the colour-segmented generated image vs ``scene.class_map``: are objects where the condition put them."""
-    from metacontrol.data.world import CLASSES
+    from metacontrol.world import CLASSES
 
     class_map, _ = segment_by_scene_colours(generated, scene)
     return mean_iou(class_map, scene.class_map, num_classes=len(CLASSES))

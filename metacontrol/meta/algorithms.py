@@ -65,12 +65,12 @@ class MetaLearner:
         self,
         inner_params: Sequence[torch.nn.Parameter],
         outer_params: Sequence[torch.nn.Parameter],
+        *,
         algorithm: Algorithm = "reptile",
         inner_optimizer: InnerOptimizer = "adam",
         inner_learning_rate: float = 1e-4,
         max_grad_norm: float | None = 1.0,
         grad_scaler: torch.amp.GradScaler | None = None,
-        *,
         inner_betas: tuple[float, float] = (0.9, 0.999),
     ) -> None:
         if algorithm not in ("reptile", "fomaml", "joint"):

@@ -17,7 +17,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from huggingface_hub import constants
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
-from metacontrol.configuration import ConfigError
+from metacontrol.config_loader import ConfigError
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name: the only shape looked up on the Hub

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from metacontrol.configuration import check
+from metacontrol.config_loader import check
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),

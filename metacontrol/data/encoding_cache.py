@@ -21,13 +21,10 @@ Stale entries of old keys are left in place: deleting a cache folder is always s
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import logging
-import os
-import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -38,6 +35,7 @@ import torch
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from metacontrol.atomic import atomic_write_bytes
 from metacontrol.data.datasets import CACHE_FOLDER
 from metacontrol.data.pools import CACHED_KEYS, TaskData
 from metacontrol.models.base import BaseModel
@@ -149,19 +147,6 @@ class CorruptShardError(ValueError):
     """A shard whose bytes or shapes are not what the index recorded."""
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Through a uniquely named temporary file (mode from the umask, so a shared cache stays shared)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as file:
-            file.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _read_shard(path: Path, entry: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     """The shard's tensors, after checking its sha256 against the index and every shape and dtype."""
     try:
@@ -221,7 +206,7 @@ class EncodingStore:
         """Write one file; a failure (full or read-only disk) costs this run the cache, not the run."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.directory / name, data)
+            atomic_write_bytes(self.directory / name, data)
         except OSError as err:
             logger.warning("cannot write the encoding cache %s (%s); encodings stay in memory only",
                            self.directory, err)

@@ -1,9 +1,9 @@
-"""Which ControlNet parameters train in which phase (inner loop, outer update, fine-tuning).
+"""Which ControlNet parameters train in which phase (inner loop, outer update, fine-tuning), and the
+one pattern dialect for naming parameters and layers (freezing here, LoRA targets in ``lora.py``).
 
-A phase's setting is a preset name or a list of glob patterns over parameter / module names
-(``mid_block.*``, ``down_blocks.3.*``, ``controlnet_cond_embedding.*``); matching parameters are
-*frozen*. A pattern that matches nothing is an error: a silent typo would train what was meant to
-be frozen.
+A phase's setting is a preset name or a list of glob patterns (see ``matches``); matching parameters
+are *frozen*. A pattern that matches nothing is an error: a silent typo would train what was meant
+to be frozen.
 """
 
 from __future__ import annotations
@@ -13,14 +13,20 @@ from collections import OrderedDict
 
 import torch
 
-from metacontrol.configuration import ConfigError
+from metacontrol.config_loader import ConfigError
 
 PRESETS = ("none", "paper", "zero_convs_only")
 ZERO_CONV_PATTERNS = ("controlnet_down_blocks.*", "controlnet_mid_block.*")
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
+def matches(name: str, pattern: str) -> bool:
+    """Whether a dotted parameter or layer name is covered by a glob ``pattern``.
+
+    A pattern may start at any component and covers everything inside what it names, so ``to_q`` is
+    every ``*.to_q`` (as peft reads ``target_modules``), ``mid_block`` is everything in ``mid_block``
+    and ``down_blocks.3.*`` is the last encoder block of SD 1.x.
+    """
+    return any(fnmatch.fnmatchcase(name, p) for p in (pattern, f"{pattern}.*", f"*.{pattern}", f"*.{pattern}.*"))
 
 
 def preset_patterns(preset: str, model: torch.nn.Module) -> list[str]:
@@ -36,7 +42,7 @@ def preset_patterns(preset: str, model: torch.nn.Module) -> list[str]:
         return [f"down_blocks.{len(model.down_blocks) - 1}.*", "mid_block.*"]
     if preset == "zero_convs_only":
         names = [n for n, _ in model.named_parameters()]
-        return sorted({n for n in names if not any(_matches(n, p) for p in ZERO_CONV_PATTERNS)})
+        return sorted({n for n in names if not any(matches(n, p) for p in ZERO_CONV_PATTERNS)})
     raise ConfigError(f"unknown freeze preset {preset!r}; expected one of {', '.join(PRESETS)} or a list of patterns")
 
 
@@ -46,7 +52,7 @@ def frozen_names(model: torch.nn.Module, spec: str | list[str], phase: str = "fr
     names = [n for n, _ in model.named_parameters()]
     frozen: set[str] = set()
     for pattern in patterns:
-        hits = {n for n in names if _matches(n, pattern)}
+        hits = {n for n in names if matches(n, pattern)}
         if not hits:
             blocks = sorted({n.split(".")[0] for n in names})
             raise ConfigError(f"{phase}: pattern {pattern!r} matches no ControlNet parameter; top-level blocks are "

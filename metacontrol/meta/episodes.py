@@ -7,11 +7,15 @@ slots between them and see exactly the episodes a single process would see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from metacontrol.configuration import ConfigError
+from metacontrol.config_loader import ConfigError
+from metacontrol.data.pools import TaskData
+from metacontrol.objective import ControlNetObjective, check_finite
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Episode:
 class TaskSampler:
     """Draws ``tasks_per_step`` tasks per meta-step and the batches of each, deterministically."""
 
-    def __init__(self, tasks: list[str], pool_sizes: dict[str, int], tasks_per_step: int, inner_steps: int,
+    def __init__(self, *, tasks: list[str], pool_sizes: dict[str, int], tasks_per_step: int, inner_steps: int,
                  support_batch_size: int, query_batch_size: int, seed: int = 0, process_index: int = 0,
                  num_processes: int = 1) -> None:
         if tasks_per_step % num_processes:
@@ -83,3 +87,22 @@ class TaskSampler:
     @property
     def local_tasks_per_step(self) -> int:
         return self.tasks_per_step // self.num_processes
+
+
+def episode_loss(objective: ControlNetObjective, data: dict[str, TaskData], episode: Episode,
+                 phase: int) -> Callable[[], torch.Tensor]:
+    """The loss of one batch of an episode (``phase`` k: support batch k; -1: the query batch), as a closure.
+
+    ``MetaLearner`` takes closures so it can compute a loss again (after an fp16 overflow) and get the same
+    one: the noise is seeded by (seed, meta-step, slot, phase). A NaN/inf names where it happened.
+    """
+    indices = episode.query if phase < 0 else episode.support[phase]
+    where = "query batch" if phase < 0 else f"inner step {phase}"
+
+    def compute() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(episode.seed(phase))
+        loss = objective.loss(data[episode.task].batch(indices), generator)
+        return check_finite(loss, f"meta-step {episode.meta_step}, task {episode.task!r}, {where}, "
+                                  f"sample indices {list(indices)}")
+
+    return compute

@@ -1,0 +1,188 @@
+"""Meta-train a ControlNet initialisation over several condition tasks (Reptile, FOMAML or joint).
+
+    accelerate launch meta_train.py [--config configs/meta_tiny.yaml] [key=value ...]
+    metacontrol meta-train [--config configs/meta_tiny.yaml] [key=value ...]
+
+With no arguments it meta-trains against the embedded tiny base model on the synthetic world
+(canny, hed, depth, pose) and writes a diffusers ControlNet folder to outputs/meta-controlnet-tiny.
+The loop below is the whole algorithm; the pieces it calls each do one job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from metacontrol.checkpointing import TrainingProgress, save_training_state, stop_on_signals
+from metacontrol.config import MetaTrainConfig
+from metacontrol.config_loader import config_argument_parser, load_config
+from metacontrol.data.sources import load_task_data
+from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
+from metacontrol.lora import add_lora, controlnet_of
+from metacontrol.meta.algorithms import MetaLearner
+from metacontrol.meta.episodes import TaskSampler, episode_loss
+from metacontrol.objective import ControlNetObjective
+from metacontrol.run import resume_or_start, save_result, set_up_run, stop_if_failed_anywhere
+from metacontrol.validation import log_validation, validation_samples
+
+logger = logging.getLogger("meta_train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = config_argument_parser(__doc__, "configs/meta_tiny.yaml", "meta.algorithm=fomaml")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    cfg = load_config(MetaTrainConfig, args.config, args.overrides)
+    m = cfg.meta
+    output_dir = Path(cfg.output_dir)
+    run = set_up_run(cfg)  # accelerator, frozen base in the weight dtype, ControlNet in fp32
+    accelerator, base, controlnet = run.accelerator, run.base, run.controlnet
+
+    # -- what trains in which phase --------------------------------------------------------------------
+    if m.lora_rank:  # a meta-learned LoRA start: only adapters and zero convolutions train, in both loops
+        model: torch.nn.Module = add_lora(controlnet, rank=m.lora_rank, alpha=m.lora_alpha)
+        inner_params = outer_params = [p for p in model.parameters() if p.requires_grad]
+        logger.info("LoRA rank %d: %s of %s parameters train", m.lora_rank,
+                    f"{sum(p.numel() for p in inner_params):,}", f"{sum(p.numel() for p in controlnet.parameters()):,}")
+    else:
+        model = controlnet
+        inner_params = trainable_parameters(controlnet, cfg.freeze.inner, "freeze.inner")
+        outer_params = trainable_parameters(controlnet, cfg.freeze.outer, "freeze.outer")
+        set_requires_grad(controlnet, inner_params + outer_params)  # frozen in both phases: no backward, no .grad
+        logger.info("ControlNet parameters per phase:\n%s",
+                    freeze_table(controlnet, {"inner": cfg.freeze.inner, "outer": cfg.freeze.outer}))
+
+    # -- data, episodes, objective --------------------------------------------------------------------
+    data = load_task_data(cfg.data, cfg.data.tasks, cfg.resolution, base, cache=cfg.cache, cache_dir=cfg.cache_dir,
+                          show_progress=accelerator.is_local_main_process,
+                          count=cfg.data.pool_size if cfg.data.source == "synthetic" else None)
+    validating = cfg.validation_steps > 0 and accelerator.is_main_process  # only the main process draws grids
+    samples = validation_samples(cfg.data, data, cfg.num_validation_images) if validating else {}
+    sampler = TaskSampler(tasks=cfg.data.tasks, pool_sizes={t: len(d) for t, d in data.items()},
+                          tasks_per_step=m.tasks_per_meta_step, inner_steps=m.inner_steps,
+                          support_batch_size=m.support_batch_size, query_batch_size=m.query_batch_size,
+                          seed=cfg.seed, process_index=accelerator.process_index,
+                          num_processes=accelerator.num_processes)
+    objective = ControlNetObjective(base, model, run.weight_dtype, accelerator.autocast)
+    grad_scaler = torch.amp.GradScaler(accelerator.device.type) if accelerator.mixed_precision == "fp16" else None
+    learner = MetaLearner(inner_params, outer_params, algorithm=m.algorithm, inner_optimizer=m.inner_optimizer,
+                          inner_learning_rate=m.inner_learning_rate, max_grad_norm=m.max_grad_norm,
+                          grad_scaler=grad_scaler, inner_betas=tuple(m.inner_betas))
+    reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
+
+    # -- outer optimiser (the only optimiser for `joint`) ---------------------------------------------
+    joint = m.algorithm == "joint"
+    optimizer_steps = m.max_meta_steps * (m.inner_steps if joint else 1)
+    if m.outer_optimizer == "sgd":
+        outer_optimizer = torch.optim.SGD(outer_params, lr=m.outer_learning_rate, weight_decay=m.outer_weight_decay)
+    else:
+        outer_optimizer = torch.optim.AdamW(outer_params, lr=m.outer_learning_rate, weight_decay=m.outer_weight_decay)
+    lr_scheduler = get_scheduler(m.lr_scheduler, outer_optimizer, num_warmup_steps=m.lr_warmup_steps,
+                                 num_training_steps=optimizer_steps)
+    progress = TrainingProgress()
+    # Not `prepare`d on purpose: DDP would all-reduce the inner loop's gradients across *different*
+    # tasks. The meta-gradient is averaged by hand, once per meta-step (MetaLearner.finish).
+    resume_or_start(cfg, accelerator, progress, (model, outer_optimizer, lr_scheduler),
+                    config_name="meta_train_config.yaml", project="metacontrol", unit="meta-step")
+
+    def outer_step() -> float:
+        """Clip the (meta-)gradient, step and schedule the outer optimiser; the gradient norm before clipping."""
+        grad_norm = torch.nn.utils.clip_grad_norm_(outer_params, m.max_grad_norm or math.inf)
+        outer_optimizer.step()
+        lr_scheduler.step()
+        outer_optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    # -- the meta-training loop -----------------------------------------------------------------------
+    bar = tqdm(total=m.max_meta_steps, initial=progress.step, desc=f"meta-train ({m.algorithm})",
+               disable=not accelerator.is_local_main_process)
+    start, first_step = time.time(), progress.step
+    logs: dict[str, float] = {}
+    restore_signals = stop_on_signals(progress, output_dir, "meta-step")  # Ctrl-C says how to resume
+    while progress.step < m.max_meta_steps:
+        episodes = sampler.episodes(progress.step)
+        logs = {}
+        failure: FloatingPointError | None = None  # a NonFiniteLossError, or a gradient overflowing at scale 1
+        try:
+            if joint:  # inner_steps plain steps, each on one batch of every task: same data budget
+                for k in range(m.inner_steps):
+                    losses = learner.joint_step([episode_loss(objective, data, e, k) for e in episodes],
+                                                m.tasks_per_meta_step, reduce_sum)
+                    grad_norm = outer_step()
+                    for e, loss in zip(episodes, losses):
+                        logs[f"loss/{e.task}"] = loss
+            else:
+                learner.begin()
+                for e in episodes:
+                    inner = learner.adapt([episode_loss(objective, data, e, k) for k in range(m.inner_steps)])
+                    query = learner.accumulate(episode_loss(objective, data, e, -1) if m.algorithm == "fomaml" else None)
+                    logs[f"inner_loss/{e.task}"] = sum(inner) / len(inner)
+                    if query is not None:
+                        logs[f"query_loss/{e.task}"] = query
+        except FloatingPointError as err:
+            learner.snapshot.restore()
+            failure = err
+        stop_if_failed_anywhere(accelerator, failure)  # before the collective in `finish`: no deadlock
+        if not joint:
+            learner.finish(m.tasks_per_meta_step, reduce_sum)
+            grad_norm = outer_step()
+        progress.step += 1
+        bar.update(1)
+        logs.update({"meta_grad_norm": grad_norm, "lr/outer": lr_scheduler.get_last_lr()[0],
+                     "steps_per_second": (progress.step - first_step) / (time.time() - start)})
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if "loss" in k})
+        accelerator.log(logs, step=progress.step)
+
+        if progress.step % cfg.checkpointing_steps == 0 or progress.step == m.max_meta_steps:
+            save_training_state(accelerator, output_dir, progress.step, cfg.checkpoints_total_limit)
+        if cfg.validation_steps and progress.step % cfg.validation_steps == 0:
+            log_validation(accelerator, base, controlnet_of(model), samples, progress.step, output_dir,
+                           seed=cfg.seed, inference_steps=cfg.validation_inference_steps)
+    bar.close()
+    restore_signals()
+
+    final = save_result(accelerator, model, output_dir, cfg, f"metacontrol {m.algorithm} ControlNet initialisation",
+                        card_rows(cfg, progress.step, logs),
+                        "This is an *initialisation*: fine-tune it on a new condition with `train/finetune.py` "
+                        "(about 100 steps); edge-like conditions may work zero-shot. Metrics: see "
+                        "`train/evaluate.py` and BENCHMARKS.md of metacontrol.\n\n")
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"meta_train: {m.algorithm} over {', '.join(cfg.data.tasks)} for {progress.step} meta-steps "
+              f"in {(time.time() - start) / 60:.1f} min; ControlNet: {final} (load with "
+              f"ControlNetModel.from_pretrained); state: {output_dir}/checkpoint-*; logs: {output_dir / cfg.logging_dir}")
+    return final
+
+
+def card_rows(cfg: MetaTrainConfig, meta_steps: int, last_logs: dict[str, float]) -> dict[str, object]:
+    """How the initialisation was made and at what data budget, for its model card."""
+    m = cfg.meta
+    samples, steps = m.data_budget()
+    start = cfg.controlnet_model_name_or_path
+    return {
+        "tasks (conditions)": ", ".join(cfg.data.tasks),
+        "data": cfg.data.source if cfg.data.source != "synthetic" else
+        f"synthetic world, {cfg.data.pool_size} scenes per task, {cfg.resolution} px",
+        "algorithm": m.algorithm + (f", LoRA start (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}; "
+                                    "adapters + zero convolutions train, adapter in lora/, merged here)"
+                                    if m.lora_rank else ""),
+        "data budget": f"{samples:,} samples, {steps}" + (f" (on top of {start}'s own)" if start else ""),
+        "meta-steps": meta_steps,
+        "tasks per meta-step": m.tasks_per_meta_step,
+        "inner loop": f"{m.inner_steps} x {m.inner_optimizer} lr {m.inner_learning_rate}"
+                      + (f" betas {tuple(m.inner_betas)}" if m.inner_optimizer == "adam" else "")
+                      + f", batch {m.support_batch_size}",
+        "outer loop": f"{m.outer_optimizer} lr {m.outer_learning_rate} ({m.lr_scheduler})",
+        "frozen (inner / outer)": f"{cfg.freeze.inner} / {cfg.freeze.outer}",
+        **{f"last meta-step: {k}": f"{v:.4g}" for k, v in sorted(last_logs.items()) if "loss" in k},
+    }
