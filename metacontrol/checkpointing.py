@@ -1,5 +1,6 @@
 """Training state on disk: ``checkpoint-N`` folders of accelerate state, written atomically, found again
-for ``resume_from_checkpoint``, rotated; and the loop position they hold (``TrainingProgress``)."""
+for ``resume_from_checkpoint``, rotated; the loop position they hold (``TrainingProgress``); and Ctrl-C,
+which stops a loop with a message naming the last checkpoint."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """What every script does with the errors a user can fix: one line on stderr and an exit code.
 
-Each script ends in ``run_main(main, "<name>")``, so a mistyped path, a bad sample, a non-finite loss or
+Every script runs through ``run_main(main, "<name>")`` (its shim in the checkout, and ``metacontrol <command>``),
+so a mistyped path, a bad sample, a non-finite loss or
 Ctrl-C reads the same in all of them: ``<name>: <what is wrong and what to do>``, no traceback, printed
 once. Under several processes every process meets a configuration error and Ctrl-C alike, so only the
 main one (``RANK`` 0) prints those; errors that can be one process's own (a bad sample read lazily, a

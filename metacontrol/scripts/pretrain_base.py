@@ -45,7 +45,7 @@ from metacontrol.world import SceneWorld, WorldConfig, vocabulary
 logger = logging.getLogger("pretrain_base")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StageConfig:
     max_train_steps: int = 1000
     train_batch_size: int = 16
@@ -68,9 +68,11 @@ class PretrainConfig:
     num_threads: int = 1
     world: WorldConfig = field(default_factory=WorldConfig)
     model: TinySDConfig = field(default_factory=TinySDConfig)
-    vae: StageConfig = field(default_factory=lambda: StageConfig(1200, 16, 1e-3, 50, 200))
+    vae: StageConfig = field(default_factory=lambda: StageConfig(
+        max_train_steps=1200, train_batch_size=16, learning_rate=1e-3, lr_warmup_steps=50, checkpointing_steps=200))
     kl_weight: float = 1e-6
-    unet: StageConfig = field(default_factory=lambda: StageConfig(3600, 32, 5e-4, 100, 250))
+    unet: StageConfig = field(default_factory=lambda: StageConfig(
+        max_train_steps=3600, train_batch_size=32, learning_rate=5e-4, lr_warmup_steps=100, checkpointing_steps=250))
     empty_prompt_probability: float = 0.1
     ema_decay: float = 0.999
 
