@@ -56,6 +56,14 @@ def test_mistyped_base_path_is_one_line_once_under_accelerate_launch_without_the
     assert "Traceback" not in result.stderr  # and no Hub retries: they would have printed their own
 
 
+@pytest.mark.parametrize(("command", "name"), [("meta-train", "meta_train"), ("evaluate", "evaluate")])
+def test_a_script_under_the_metacontrol_command_fails_in_one_line(command, name, tmp_path):
+    missing = tmp_path / "nope.yaml"
+    result = run_script([str(Path(PYTHON).parent / "metacontrol"), command, "--config", str(missing)], check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"{name}: configuration error: config file {missing} does not exist"]
+
+
 def test_a_bad_sample_in_meta_training_is_one_line(tiny_sd_dir, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
