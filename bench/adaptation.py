@@ -42,7 +42,14 @@ from metacontrol.config_loader import ConfigError, check, config_argument_parser
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.errors import run_main  # noqa: E402
 from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
-from metacontrol.eval.report import Table, bounds_table, markdown_table, write_report  # noqa: E402
+from metacontrol.eval.report import (  # noqa: E402
+    Table,
+    bounds_table,
+    markdown_table,
+    pyplot,
+    save_figure,
+    write_report,
+)
 from metacontrol.eval.statistics import Interval, Resampler, mean_curve, paired_difference, summarise  # noqa: E402
 from metacontrol.models.base import load_base_model  # noqa: E402
 from metacontrol.world import WorldConfig  # noqa: E402
@@ -316,13 +323,8 @@ def compared_pairs(cfg: AdaptationBenchConfig) -> list[tuple[str, str]]:
 
 def plot_curves(results: dict, cfg: AdaptationBenchConfig, path: Path) -> Path:
     """One panel per (regime, condition): mean control score per initialisation, its 95% interval as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, cols = len(cfg.shots), len(cfg.conditions)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
     for r, shots in enumerate(cfg.shots):
         for ax, condition in zip(axes[r], cfg.conditions):
             for label in cfg.initialisations:
@@ -339,9 +341,7 @@ def plot_curves(results: dict, cfg: AdaptationBenchConfig, path: Path) -> Path:
     fig.suptitle(f"steps to control: {cfg.name} (mean over {len(cfg.seeds)} seeds x {cfg.settings.num_samples} "
                  "scenes, 95% bootstrap band)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _cell(interval: dict, digits: int = 3) -> str:

@@ -87,11 +87,7 @@ def control_score_figure(results: Mapping[str, Mapping[str, Mapping[str, float]]
 
     The scale's meaning goes in the title: as the y label it is longer than the axis and gets clipped.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     conditions = list(next(iter(results.values())))
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(conditions), 3.2))
     width = 0.8 / len(results)
@@ -105,6 +101,16 @@ def control_score_figure(results: Mapping[str, Mapping[str, Mapping[str, float]]
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend: plots are written, never shown (no screen here)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def save_figure(fig, path: str | Path) -> Path:
