@@ -21,14 +21,21 @@ class NonFiniteLossError(FloatingPointError):
     """A NaN/inf loss: the run stops, naming where, and the last good checkpoint stays as it was."""
 
 
-def check_finite(loss: torch.Tensor, where: str) -> torch.Tensor:
-    """``loss``, or a ``NonFiniteLossError`` naming ``where`` (step, task, sample indices) it went NaN/inf.
+def non_finite(loss: torch.Tensor, where: str) -> NonFiniteLossError | None:
+    """The error a NaN/inf ``loss`` stops the run with, naming ``where`` (step, task, sample indices); None if finite.
 
-    The one NaN check of every training loop; under several processes ``run.stop_if_failed_anywhere``
-    then tells the others, so none waits forever in the next collective.
+    The one NaN check of every training loop. Under several processes the error goes to
+    ``run.stop_if_failed_anywhere``, which tells the others, so none waits forever in the next collective.
     """
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"loss is {loss.item()} at {where}; the run stopped and the last checkpoint is kept")
+    if torch.isfinite(loss):
+        return None
+    return NonFiniteLossError(f"loss is {loss.item()} at {where}; the run stopped and the last checkpoint is kept")
+
+
+def check_finite(loss: torch.Tensor, where: str) -> torch.Tensor:
+    """``loss``, or the ``non_finite`` error raised here."""
+    if error := non_finite(loss, where):
+        raise error
     return loss
 
 

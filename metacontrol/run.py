@@ -20,6 +20,7 @@ from metacontrol.checkpointing import TrainingProgress, resolve_resume_path
 from metacontrol.config import RunConfig
 from metacontrol.config_loader import ConfigError, save_config, to_dict
 from metacontrol.controlnet import create_controlnet, model_card
+from metacontrol.lora import save_adapted
 from metacontrol.models.base import BaseModel, load_base_model
 from metacontrol.objective import NonFiniteLossError
 
@@ -139,8 +140,6 @@ def save_result(accelerator: Accelerator, model: torch.nn.Module, folder: Path, 
                 rows: dict[str, object], note: str = "") -> Path:
     """The main process saves ``model`` as a diffusers ControlNet (LoRA: merged, adapter in ``lora/``) with
     a model card: the rows every run states (base, start, precision, seed), then ``rows``; all wait."""
-    from metacontrol.lora import save_adapted  # noqa: PLC0415  (peft only when saving)
-
     if accelerator.is_main_process:
         card = model_card(title, {
             "base model": cfg.pretrained_model_name_or_path,

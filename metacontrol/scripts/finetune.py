@@ -30,7 +30,7 @@ from metacontrol.config_loader import config_argument_parser, load_config
 from metacontrol.data.sources import load_task_data
 from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
 from metacontrol.lora import add_lora, controlnet_of, load_lora
-from metacontrol.objective import ControlNetObjective, check_finite
+from metacontrol.objective import ControlNetObjective, non_finite
 from metacontrol.run import resume_or_start, save_result, set_up_run, stop_if_failed_anywhere
 from metacontrol.validation import log_validation, validation_samples
 
@@ -115,13 +115,8 @@ def main(argv: list[str] | None = None) -> Path:
     while progress.step < cfg.max_train_steps:
         indices, generator = step_batch(cfg, progress.step, accelerator.process_index)
         loss = objective.loss(shots.batch(indices), generator)
-        failure = None
-        try:
-            check_finite(loss, f"step {progress.step + 1}, condition {cfg.condition!r}, sample indices {indices} "
-                               f"(process {accelerator.process_index})")
-        except FloatingPointError as err:
-            failure = err
-        stop_if_failed_anywhere(accelerator, failure)  # every process learns of a failure anywhere
+        where = f"step {progress.step + 1}, condition {cfg.condition!r}, sample indices {indices}"
+        stop_if_failed_anywhere(accelerator, non_finite(loss, f"{where} (process {accelerator.process_index})"))
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         optimizer.step()
