@@ -210,3 +210,22 @@ def test_non_finite_loss_names_step_and_samples(full_run, tiny_sd_dir, tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     message = re.search(r"finetune: loss is \S+ at step \d+, condition 'normal', sample indices \[", result.stderr)
     assert message, result.stderr[-2000:]
+
+
+def test_two_processes_train_and_all_stop_at_a_nan_without_waiting(tiny_sd_dir, tmp_path):
+    """Under torchrun (gloo) each process draws its own batch; DDP averages. A NaN stops every process at the
+    same step, each saying where, instead of leaving one waiting in the next collective."""
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
+    args = finetune_args(tiny_sd_dir, tmp_path / "two", "validation_steps=2", "num_validation_images=1",
+                         "validation_inference_steps=2")[1:]
+    run_script([*torchrun, *args], env={"ACCELERATE_USE_CPU": "1"})
+    assert _card_row(tmp_path / "two", "optimiser").endswith("batch 4 x 2 process(es)")
+    assert sorted(p.name for p in (tmp_path / "two" / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
+
+    nan = finetune_args(tiny_sd_dir, tmp_path / "nan", "learning_rate=1e30", "max_grad_norm=0")[1:]
+    result = run_script([*torchrun, *nan], env={"ACCELERATE_USE_CPU": "1"}, check=False, timeout=120)
+    assert result.returncode != 0
+    stops = re.findall(r"finetune: loss is \S+ at step (\d+), condition 'normal', sample indices \[[\d, ]+\] "
+                       r"\(process (\d)\)", result.stderr)  # the two may share a line of stderr
+    assert sorted(process for _, process in stops) == ["0", "1"] and len({step for step, _ in stops}) == 1, \
+        result.stderr[-3000:]
