@@ -84,10 +84,6 @@ class TaskSampler:
         return [self.episode(meta_step, slot, tasks[slot])
                 for slot in range(self.process_index, self.tasks_per_step, self.num_processes)]
 
-    @property
-    def local_tasks_per_step(self) -> int:
-        return self.tasks_per_step // self.num_processes
-
 
 def episode_loss(objective: ControlNetObjective, data: dict[str, TaskData], episode: Episode,
                  phase: int) -> Callable[[], torch.Tensor]:
