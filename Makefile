@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.metacontrol-installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test chromium lint clean
 
 install: $(STAMP)
 
@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/accelerate launch -q meta_train.py
 
-test: install
+# chromium first: without it the report tests fail, so say so before minutes of installing.
+test: chromium install
 	$(BIN)/python -m pytest -q
+
+chromium:
+	@sh .ci/ensure-chromium
 
 lint: install
 	$(BIN)/ruff check .

@@ -22,12 +22,11 @@ from typing import Any, BinaryIO
 import torch
 
 logger = logging.getLogger(__name__)
-SAVING_MARKER = ".saving"  # a training output_dir's "checkpoint write in progress" file (see checkpointing.py)
 TMP_MARK, OLD_MARK = ".tmp-", ".old-"  # in the names of the temporary siblings of atomic writes
 
 
 def remove_stale_writes(folder: str | Path) -> list[Path]:
-    """Delete what interrupted atomic writes left in ``folder``, and its ``.saving`` marker; return them.
+    """Delete what interrupted atomic writes left in ``folder``; return them.
 
     Only for a folder no other process is writing into (a training ``output_dir`` at start-up, main
     process): at SD scale each leftover ``.checkpoint-N.tmp-*`` holds gigabytes.
@@ -35,7 +34,7 @@ def remove_stale_writes(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    patterns = (f".*{TMP_MARK}*", f".*{OLD_MARK}*", f"{TMP_MARK}*", SAVING_MARKER)
+    patterns = (f".*{TMP_MARK}*", f".*{OLD_MARK}*", f"{TMP_MARK}*")
     stale = sorted({path for pattern in patterns for path in folder.glob(pattern)})
     for path in stale:
         if path.is_dir():

@@ -1,9 +1,10 @@
-"""Training state on disk: ``checkpoint-N`` folders of accelerate state, written atomically, found again
-for ``resume_from_checkpoint``, rotated; the loop position they hold (``TrainingProgress``); and Ctrl-C,
-which stops a loop with a message naming the last checkpoint."""
+"""Training state on disk: ``checkpoint-N`` folders (``TrainingState``: safetensors and JSON, no pickles),
+written atomically, found again for ``resume_from_checkpoint``, rotated; the loop position they hold
+(``TrainingProgress``); and Ctrl-C, which stops a loop with a message naming the last checkpoint."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -12,16 +13,25 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils.constants import RNG_STATE_NAME
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
 
-from metacontrol.atomic import SAVING_MARKER, atomic_directory, set_aside
+from metacontrol.atomic import atomic_directory, set_aside
 from metacontrol.config_loader import ConfigError
+from metacontrol.processes import agreed
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CHECKPOINT_FORMAT = 1  # bump when what a checkpoint holds changes meaning
+PARAMETERS_FILE = "trained_parameters.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "training_state.json"  # written last: its presence marks a complete checkpoint
+CHECKPOINT_FILES = (PARAMETERS_FILE, OPTIMIZER_FILE, STATE_FILE)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -74,16 +84,15 @@ def stop_on_signals(progress: TrainingProgress, output_dir: Path, unit: str) -> 
 
 
 def incomplete_reason(checkpoint: Path) -> str | None:
-    """Why accelerate cannot resume from ``checkpoint`` (None: it can): its RNG state and loop position.
+    """Why ``checkpoint`` cannot be resumed from (None: it can).
 
     Our own writes are atomic, so this catches folders made, copied or emptied by hand.
     """
     if not any(checkpoint.iterdir()):
         return "empty"
-    if not (checkpoint / f"{RNG_STATE_NAME}_0.pkl").is_file():
-        return f"no {RNG_STATE_NAME}_0.pkl"
-    if not any(checkpoint.glob("custom_checkpoint_*.pkl")):
-        return "no custom_checkpoint_*.pkl (the loop position)"
+    missing = [name for name in CHECKPOINT_FILES if not (checkpoint / name).is_file()]
+    if missing:
+        return f"no {', '.join(missing)}"
     return None
 
 
@@ -110,7 +119,7 @@ def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
         if not path.is_dir():
             raise ConfigError(f"resume_from_checkpoint: {resume} is not a checkpoint folder")
         if reason := incomplete_reason(path):
-            raise ConfigError(f"resume_from_checkpoint: {resume} is not a complete accelerate checkpoint ({reason})")
+            raise ConfigError(f"resume_from_checkpoint: {resume} is not a complete checkpoint ({reason})")
         return path
     complete, incomplete = list_checkpoints(output_dir)
     if incomplete:
@@ -122,29 +131,86 @@ def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
     return complete[-1]
 
 
-def save_training_state(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None) -> Path:
-    """``accelerator.save_state`` into a temporary folder that is renamed into ``checkpoint-{step}``.
+@dataclass
+class TrainingState:
+    """What a ``checkpoint-N`` holds, so that resuming continues bit for bit: the parameters that train
+    (by name; frozen ones are rebuilt from the initialisation), the optimiser, the learning-rate schedule,
+    the loop position and each process's loss scale (fp16).
 
-    Every process calls ``save_state`` (each writes its own RNG state) into the *same* temporary folder;
-    only the main process renames it and prunes old checkpoints, after everyone has written.
+    Tensors go to safetensors and the rest to JSON: nothing in a checkpoint is a pickle, so loading one
+    that somebody shared runs no code. (Episodes and batches are functions of the step and seed, so there
+    is no random-number state to keep.)
     """
-    target = output_dir / f"checkpoint-{step}"
-    if accelerator.is_main_process:
-        with atomic_directory(target) as tmp:
-            accelerator.wait_for_everyone()
-            (output_dir / SAVING_MARKER).write_text(str(tmp))
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(tmp))
-            accelerator.wait_for_everyone()
-        (output_dir / SAVING_MARKER).unlink()
-        if total_limit is not None:  # incomplete folders are not ours to delete (and were warned about)
-            for old in list_checkpoints(output_dir)[0][:-total_limit]:
-                shutil.rmtree(set_aside(old), ignore_errors=True)
-    else:
-        accelerator.wait_for_everyone()
-        accelerator.wait_for_everyone()
-        tmp = Path((output_dir / SAVING_MARKER).read_text())
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-    accelerator.wait_for_everyone()
+
+    model: torch.nn.Module  # unwrapped (no DDP): names as the user's model has them
+    params: list[torch.nn.Parameter]  # the parameters that train, in the optimiser's order
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    progress: TrainingProgress
+    grad_scaler: torch.amp.GradScaler | None = None
+
+    def named_params(self) -> dict[str, torch.nn.Parameter]:
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return {names[id(p)]: p for p in self.params}
+
+    def process_state(self) -> dict[str, Any] | None:
+        """This process's own part (the loss scale), gathered to the main process for writing."""
+        return self.grad_scaler.state_dict() if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
+
+    def write(self, folder: Path, process_states: list[dict[str, Any] | None]) -> None:
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.named_params().items()},
+                  str(folder / PARAMETERS_FILE))
+        optimizer = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for index, entry in optimizer["state"].items():
+            for key, value in entry.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[f"{index}.{key}"] = value
+        save_file(tensors, str(folder / OPTIMIZER_FILE))
+        state = {"format": CHECKPOINT_FORMAT, "step": self.progress.step, "parameters": list(self.named_params()),
+                 "optimizer": {"param_groups": optimizer["param_groups"], "scalars": scalars},
+                 "lr_scheduler": self.lr_scheduler.state_dict(), "process_states": process_states}
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+    def read(self, folder: Path, process_index: int) -> None:
+        state = json.loads((folder / STATE_FILE).read_text())
+        named = self.named_params()
+        if state.get("format") != CHECKPOINT_FORMAT or state["parameters"] != list(named):
+            raise ConfigError(f"resume_from_checkpoint: {folder} was saved by another version or with other "
+                              "trainable parameters (freeze, LoRA or algorithm settings differ from this run's)")
+        with torch.no_grad():
+            for name, tensor in load_file(str(folder / PARAMETERS_FILE)).items():
+                named[name].copy_(tensor)
+        entries: dict[int, dict[str, Any]] = {}
+        for flat, value in [*load_file(str(folder / OPTIMIZER_FILE)).items(),
+                            *state["optimizer"]["scalars"].items()]:
+            index, key = flat.split(".", 1)
+            entries.setdefault(int(index), {})[key] = value
+        self.optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer"]["param_groups"]})
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.progress.step = int(state["step"])
+        scales = state["process_states"]
+        own = scales[process_index] if process_index < len(scales) else scales[0]
+        if self.grad_scaler is not None and own is not None:
+            self.grad_scaler.load_state_dict(own)
+
+
+def save_training_state(accelerator: Accelerator, output_dir: Path, state: TrainingState,
+                        total_limit: int | None) -> Path:
+    """Write ``checkpoint-{step}`` atomically (a temporary folder renamed into place) and prune old ones.
+
+    Every process hands its own small state to the main process, which writes everything; a failed write
+    (a full disk) stops every process at once, not just the main one.
+    """
+    target = output_dir / f"checkpoint-{state.progress.step}"
+    process_states = gather_object([state.process_state()])
+    with agreed(accelerator, f"saving {target}"):
+        if accelerator.is_main_process:
+            with atomic_directory(target) as tmp:
+                state.write(tmp, process_states)
+            if total_limit is not None:  # incomplete folders are not ours to delete (and were warned about)
+                for old in list_checkpoints(output_dir)[0][:-total_limit]:
+                    shutil.rmtree(set_aside(old), ignore_errors=True)
     return target

@@ -24,6 +24,15 @@ FreezeSpec = str | list[str]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 
 
+def check_schedule(lr_scheduler: str, lr_warmup_steps: int, max_grad_norm: float) -> None:
+    """The optimiser keys meta-training's outer loop and fine-tuning share, checked in one place."""
+    check(lr_warmup_steps >= 0, "lr_warmup_steps", lr_warmup_steps, ">= 0")
+    check(lr_warmup_steps == 0 or lr_scheduler != "constant", "lr_warmup_steps", lr_warmup_steps,
+          "0 with lr_scheduler 'constant', which has no warmup (diffusers' get_scheduler drops it); "
+          "use lr_scheduler: constant_with_warmup")
+    check(max_grad_norm >= 0, "max_grad_norm", max_grad_norm, ">= 0 (0 disables clipping)")
+
+
 def check_freeze_spec(key: str, spec: FreezeSpec) -> None:
     check(not isinstance(spec, str) or spec in PRESETS, key, spec,
           f"one of {', '.join(PRESETS)} or a list of glob patterns")
@@ -59,6 +68,9 @@ class RunConfig:
         check(self.resolution >= 8, "resolution", self.resolution, "an integer >= 8")
         check(self.checkpointing_steps >= 1, "checkpointing_steps", self.checkpointing_steps, "a positive integer")
         check(self.validation_steps >= 0, "validation_steps", self.validation_steps, ">= 0 (0 disables)")
+        for key in ("num_validation_images", "validation_inference_steps"):
+            check(getattr(self, key) >= 1, key, getattr(self, key),
+                  "a positive integer (validation_steps: 0 turns validation off)")
         check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit",
               self.checkpoints_total_limit, "null or a positive integer")
 
@@ -120,7 +132,10 @@ class MetaConfig:
     outer_weight_decay: float = 0.0
     lr_scheduler: SchedulerName = "constant"
     lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # clips every step on a batch: the inner steps, and joint's steps
+    # clips the meta-gradient of Reptile / FOMAML before the outer step (0: off). Off by default: for Reptile
+    # with SGD a clipped theta - phi would change the meta step size epsilon from step to step.
+    outer_max_grad_norm: float = 0.0
     # > 0: meta-learn a LoRA start instead: the ControlNet (controlnet_model_name_or_path, e.g. a joint one) stays
     # as it is and only LoRA adapters of this rank plus the zero convolutions train, in both loops.
     lora_rank: int = 0
@@ -133,7 +148,10 @@ class MetaConfig:
         check(len(self.inner_betas) == 2 and all(0 <= b < 1 for b in self.inner_betas), "inner_betas",
               self.inner_betas, "two numbers in [0, 1): Adam's beta1 and beta2")
         check(self.outer_learning_rate > 0, "outer_learning_rate", self.outer_learning_rate, "> 0")
-        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+        check(self.outer_weight_decay >= 0, "outer_weight_decay", self.outer_weight_decay, ">= 0")
+        check_schedule(self.lr_scheduler, self.lr_warmup_steps, self.max_grad_norm)
+        check(self.outer_max_grad_norm >= 0, "outer_max_grad_norm", self.outer_max_grad_norm,
+              ">= 0 (0 disables clipping)")
         check(self.lora_rank >= 0, "lora_rank", self.lora_rank, ">= 0 (0: the whole ControlNet trains)")
 
     def data_budget(self) -> tuple[int, str]:
@@ -226,8 +244,7 @@ class FinetuneConfig(SourceConfig, RunConfig):
         for key in ("adam_beta1", "adam_beta2"):
             check(0 <= getattr(self, key) < 1, key, getattr(self, key), "a number in [0, 1)")
         check(self.adam_weight_decay >= 0, "adam_weight_decay", self.adam_weight_decay, ">= 0")
-        check(self.lr_warmup_steps >= 0, "lr_warmup_steps", self.lr_warmup_steps, ">= 0")
-        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, ">= 0 (0 disables clipping)")
+        check_schedule(self.lr_scheduler, self.lr_warmup_steps, self.max_grad_norm)
         check_freeze_spec("freeze", self.freeze)
         check(self.mode == "full" or self.freeze == "none", "freeze", self.freeze,
               "'none' in lora mode (LoRA picks its layers by lora_target_modules and lora_modules_to_save)")

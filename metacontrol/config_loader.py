@@ -15,6 +15,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from metacontrol.shipped import shipped_path
+
 T = TypeVar("T")
 
 
@@ -164,11 +166,12 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> T:
     """Load ``cls`` from a YAML file (optional) plus ``key=value`` overrides.
 
-    Errors are re-raised with the file name so the user knows which file to fix.
+    Errors are re-raised with the file name so the user knows which file to fix. ``configs/...`` that is not
+    in the working directory is the package's copy (``metacontrol/shipped.py``): the scripts' defaults.
     """
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
+        path = shipped_path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

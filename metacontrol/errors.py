@@ -18,9 +18,12 @@ import os
 import sys
 from collections.abc import Callable
 
+from tqdm import tqdm
+
 from metacontrol.checkpointing import TrainingInterrupted
 from metacontrol.config_loader import ConfigError
 from metacontrol.data.images import BadSampleError
+from metacontrol.processes import FailedElsewhere
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -32,10 +35,14 @@ def error_line(err: BaseException) -> tuple[str, int, bool] | None:
         return str(err), err.exit_code, True
     if isinstance(err, KeyboardInterrupt):
         return "interrupted (Ctrl-C)", EXIT_INTERRUPTED, True
-    if isinstance(err, ConfigError):
+    if isinstance(err, ConfigError):  # AnnotatorUnavailable too: missing weights are missing on every process
         return f"configuration error: {err}", EXIT_ERROR, True
     if isinstance(err, BadSampleError):
         return f"bad data: {err}", EXIT_ERROR, False
+    if isinstance(err, FailedElsewhere):  # this process stopped because another one failed in the same step
+        return str(err), EXIT_ERROR, False
+    if isinstance(err, OSError):  # a full disk, a folder that is a file, a permission: the path says which
+        return f"cannot read or write a file: {err}", EXIT_ERROR, False
     if isinstance(err, FloatingPointError):  # a NonFiniteLossError, or MetaLearner's gradient overflow at scale 1
         return str(err), EXIT_ERROR, False
     return None
@@ -51,5 +58,5 @@ def run_main(main: Callable[[], object], name: str) -> None:
             raise
         message, code, replicated = mapped
         if not replicated or os.environ.get("RANK", "0") == "0":
-            print(f"{name}: {message}", file=sys.stderr, flush=True)
+            tqdm.write(f"{name}: {message}", file=sys.stderr)  # on a line of its own, not after a progress bar
         raise SystemExit(code) from None

@@ -21,21 +21,14 @@ class NonFiniteLossError(FloatingPointError):
     """A NaN/inf loss: the run stops, naming where, and the last good checkpoint stays as it was."""
 
 
-def non_finite(loss: torch.Tensor, where: str) -> NonFiniteLossError | None:
-    """The error a NaN/inf ``loss`` stops the run with, naming ``where`` (step, task, sample indices); None if finite.
-
-    The one NaN check of every training loop. Under several processes the error goes to
-    ``run.stop_if_failed_anywhere``, which tells the others, so none waits forever in the next collective.
-    """
-    if torch.isfinite(loss):
-        return None
-    return NonFiniteLossError(f"loss is {loss.item()} at {where}; the run stopped and the last checkpoint is kept")
-
-
 def check_finite(loss: torch.Tensor, where: str) -> torch.Tensor:
-    """``loss``, or the ``non_finite`` error raised here."""
-    if error := non_finite(loss, where):
-        raise error
+    """``loss``, or a ``NonFiniteLossError`` naming ``where`` (step, task, sample indices) if it is NaN/inf.
+
+    The one NaN check of every training loop. Under several processes it is raised inside
+    ``run.agreed``, which tells the others, so none waits forever in the next collective.
+    """
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()} at {where}; the run stopped and the last checkpoint is kept")
     return loss
 
 
@@ -66,7 +59,7 @@ class ControlNetObjective:
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(self.device)
             latents = (mean.to(self.device) + std.to(self.device) * eps) * self.scaling_factor
         else:
-            pixels = batch["pixel_values"].to(self.device, self.weight_dtype)
+            pixels = batch["pixel_values"].to(self.device, self.base.vae.dtype)
             dist = self.base.vae.encode(pixels).latent_dist
             eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(self.device)
             latents = (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor

@@ -5,7 +5,7 @@ and saving the result with its model card. The loops themselves stay in ``metaco
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,12 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import ControlNetModel
 
 from metacontrol.atomic import remove_stale_writes
-from metacontrol.checkpointing import TrainingProgress, resolve_resume_path
+from metacontrol.checkpointing import TrainingState, resolve_resume_path
 from metacontrol.config import RunConfig
 from metacontrol.config_loader import ConfigError, save_config, to_dict
 from metacontrol.controlnet import create_controlnet, model_card
 from metacontrol.lora import save_adapted
 from metacontrol.models.base import BaseModel, load_base_model
-from metacontrol.objective import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +59,18 @@ def set_up_run(cfg: RunConfig) -> RunSetup:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what `accelerate launch` reported, maybe 'no'
+    overridden = cfg.mixed_precision is not None and launched not in (None, cfg.mixed_precision)
+    logger.info("mixed precision: %s%s", accelerator.mixed_precision,
+                f" (the config's mixed_precision; accelerate launch's {launched!r} does not apply)" if overridden else "")
 
     base = load_base_model(cfg.pretrained_model_name_or_path, cfg.revision)
     if cfg.resolution % base.vae_scale_factor:
         raise ConfigError(f"resolution: {cfg.resolution} is not divisible by the VAE's downsampling factor "
                           f"{base.vae_scale_factor} of {cfg.pretrained_model_name_or_path}")
-    base.freeze(weight_dtype, accelerator.device)
+    # From the fp32 UNet, before the base is cast: a bf16/fp16 copy would start the ControlNet rounded.
     controlnet = create_controlnet(base.unet, base.vae_scale_factor, cfg.controlnet_model_name_or_path)
+    base.freeze(weight_dtype, accelerator.device)
     configure_attention(cfg, controlnet, base)
     controlnet.to(accelerator.device, dtype=torch.float32).train()
     return RunSetup(accelerator, weight_dtype, base, controlnet)
@@ -90,17 +94,15 @@ def configure_attention(cfg: RunConfig, controlnet: torch.nn.Module, base: BaseM
         controlnet.enable_gradient_checkpointing()
 
 
-def resume_or_start(cfg: RunConfig, accelerator: Accelerator, progress: TrainingProgress,
-                    checkpointed: Iterable[Any], *, config_name: str, project: str, unit: str) -> None:
-    """Register what checkpoints hold besides ``prepare``d objects, load ``resume_from_checkpoint`` if any,
-    then write the run's config into ``output_dir`` and start the trackers. ``unit``: what a step is called."""
-    for obj in (*checkpointed, progress):
-        accelerator.register_for_checkpointing(obj)
+def resume_or_start(cfg: RunConfig, accelerator: Accelerator, state: TrainingState, *, config_name: str,
+                    project: str, unit: str) -> None:
+    """Load ``resume_from_checkpoint`` into ``state`` if one is given, then write the run's config into
+    ``output_dir`` and start the trackers. ``unit``: what a step is called."""
     output_dir = Path(cfg.output_dir)
     resume = resolve_resume_path(cfg.resume_from_checkpoint, output_dir)
     if resume is not None:
-        accelerator.load_state(str(resume))
-        logger.info("resumed from %s at %s %d", resume, unit, progress.step)
+        state.read(resume, accelerator.process_index)
+        logger.info("resumed from %s at %s %d", resume, unit, state.progress.step)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / config_name)
@@ -121,19 +123,6 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
 
     walk(to_dict(cfg), "")
     return flat
-
-
-def stop_if_failed_anywhere(accelerator: Accelerator, failure: FloatingPointError | None) -> None:
-    """Raise this process's failure, or one naming another process's, once any process has failed.
-
-    Every process calls it at the same point of a step, so all learn of a NaN anywhere before the next
-    collective: none is left waiting in it forever.
-    """
-    failed = torch.tensor([0.0 if failure is None else 1.0], device=accelerator.device)
-    if accelerator.num_processes > 1:
-        failed = accelerator.reduce(failed, reduction="sum")
-    if failed.item() > 0:
-        raise failure or NonFiniteLossError("a non-finite loss on another process stopped the run")
 
 
 def save_result(accelerator: Accelerator, model: torch.nn.Module, folder: Path, cfg: RunConfig, title: str,

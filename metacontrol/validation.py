@@ -14,6 +14,7 @@ from metacontrol.config import SourceConfig
 from metacontrol.data.pools import TaskData, synthetic_pools
 from metacontrol.models.base import BaseModel
 from metacontrol.pipelines import controlnet_pipeline, generate
+from metacontrol.processes import agreed
 from metacontrol.visual import save_grid
 
 logger = logging.getLogger(__name__)
@@ -44,25 +45,32 @@ def validation_samples(source: SourceConfig, data: dict[str, TaskData], count: i
 def log_validation(accelerator: Accelerator, base: BaseModel, controlnet: torch.nn.Module,
                    samples: dict[str, ValidationSamples], step: int, output_dir: Path, *, seed: int,
                    inference_steps: int) -> Path | None:
-    """Main process generates and saves the grid; the others wait (no collective inside: no deadlock)."""
+    """The main process generates and saves the grid; a failure there stops every process (``agreed``)."""
     path = None
-    if accelerator.is_main_process:
-        was_training = controlnet.training
-        controlnet.eval()
-        pipe = controlnet_pipeline(base, controlnet)
-        rows, labels, prompts = [], [], []
-        for task, task_samples in samples.items():
-            images = generate(pipe, task_samples.captions, task_samples.maps, seed=seed, steps=inference_steps)
-            rows += [list(sample) for sample in zip(task_samples.maps, images, task_samples.truths)]
-            labels += [task] * len(task_samples.maps)
-            prompts += task_samples.captions
-        path = save_grid(Path(output_dir) / "validation" / f"step-{step:06d}.png", rows, labels,
-                         ["condition", "generated", "ground truth"], row_captions=prompts)
-        for tracker in accelerator.trackers:
-            if tracker.name == "tensorboard":
-                from PIL import Image
-                tracker.writer.add_image("validation", np.asarray(Image.open(path)), step, dataformats="HWC")
-        logger.info("validation grid: %s", path)
-        controlnet.train(was_training)
-    accelerator.wait_for_everyone()
+    with agreed(accelerator, f"the validation of step {step}"):
+        if accelerator.is_main_process:
+            path = _draw_grid(accelerator, base, controlnet, samples, step, output_dir, seed, inference_steps)
+    return path
+
+
+def _draw_grid(accelerator: Accelerator, base: BaseModel, controlnet: torch.nn.Module,
+               samples: dict[str, ValidationSamples], step: int, output_dir: Path, seed: int,
+               inference_steps: int) -> Path:
+    was_training = controlnet.training
+    controlnet.eval()
+    pipe = controlnet_pipeline(base, controlnet)
+    rows, labels, prompts = [], [], []
+    for task, task_samples in samples.items():
+        images = generate(pipe, task_samples.captions, task_samples.maps, seed=seed, steps=inference_steps)
+        rows += [list(sample) for sample in zip(task_samples.maps, images, task_samples.truths)]
+        labels += [task] * len(task_samples.maps)
+        prompts += task_samples.captions
+    path = save_grid(Path(output_dir) / "validation" / f"step-{step:06d}.png", rows, labels,
+                     ["condition", "generated", "ground truth"], row_captions=prompts)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            from PIL import Image
+            tracker.writer.add_image("validation", np.asarray(Image.open(path)), step, dataformats="HWC")
+    logger.info("validation grid: %s", path)
+    controlnet.train(was_training)
     return path

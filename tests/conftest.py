@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,28 @@ PYTHON = sys.executable
 # `accelerate launch` as the README runs it: -q, so a failed script's error is not repeated by the launcher.
 ACCELERATE_LAUNCH = [PYTHON, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", "--num_machines", "1",
                      "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a rendezvous: fixed ports collide between concurrent runs."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(*script_args: str, nproc: int = 1, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
+             log_dir: Path | None = None) -> list[str]:
+    """``torchrun`` on this machine with a localhost rendezvous; ``log_dir``: each rank's stderr in its own file
+    (see ``rank_stderr``), apart from the launcher's own report."""
+    args = [PYTHON, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
+            "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port or free_port())]
+    if log_dir is not None:
+        args += ["--log_dir", str(log_dir), "--redirects", "2"]
+    return [*args, *script_args]
+
+
+def rank_stderr(log_dir: Path) -> dict[int, str]:
+    """What each process of a one-node ``torchrun(..., log_dir=...)`` run wrote to stderr, by rank."""
+    found = {int(path.parent.name): path.read_text() for path in log_dir.rglob("attempt_0/*/stderr.log")}
+    assert found, f"no per-rank logs under {log_dir}"
+    return found

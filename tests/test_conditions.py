@@ -7,11 +7,14 @@ rather than to our own code. controlnet-aux is imported inside the tests that ne
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from metacontrol.conditions import (
     HELD_OUT_CONDITIONS,
@@ -24,6 +27,7 @@ from metacontrol.conditions import (
 from metacontrol.conditions.builtin import ADE20K_CLASS_INDEX, ADE20K_COLOURS, draw_openpose
 from metacontrol.config_loader import ConfigError
 from metacontrol.world import CLASS_ID, CLASSES, Scene, SceneWorld, WorldConfig
+from tests.conftest import PYTHON, meta_train_args, run_script
 
 # controlnet-aux's import warns about optional extras (mediapipe) and re-registered timm models: not ours.
 pytestmark = [
@@ -178,10 +182,57 @@ def test_missing_weights_name_the_file_and_the_folder(tmp_path: Path) -> None:
     assert "ControlNetHED.pth" in str(info.value) and str(tmp_path) in str(info.value)
     with pytest.raises(AnnotatorUnavailable, match="ControlNetHED.pth"):
         get_condition("scribble").annotate(image, None)
-    with pytest.raises(AnnotatorUnavailable, match="does not exist"):
-        get_condition("hed").annotate(image, str(tmp_path / "no" / "such" / "folder"))
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(AnnotatorUnavailable, match=f"^HEDdetector: annotator folder {missing} does not exist; "
+                                                   "it must hold ControlNetHED.pth$"):  # fmt: skip
+        get_condition("hed").annotate(image, str(missing))
     with pytest.raises(AnnotatorUnavailable, match="seg"):
         get_condition("seg").annotate(image, str(tmp_path))
+
+
+def _hub_cache_with(repo: str, files: list[Path], cache: Path) -> None:
+    """``cache`` laid out as ``hf_hub_download`` leaves it after fetching ``files`` from ``repo``'s main branch."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    (folder / "snapshots" / commit).mkdir(parents=True)
+    for file in files:
+        shutil.copy(file, folder / "snapshots" / commit / file.name)
+
+
+def test_an_annotators_hub_id_is_tried_on_the_hub_even_offline(hed_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """`lllyasviel/Annotators` is a Hub id, not a missing path: offline, the local Hub cache may hold it."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets when the hub is imported
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hed = get_condition("hed")
+    with pytest.raises(AnnotatorUnavailable) as info:
+        load_annotator(hed.annotator, "lllyasviel/Annotators")
+    message = str(info.value)
+    assert message.startswith("HEDdetector: cannot load ControlNetHED.pth from the Hub repo lllyasviel/Annotators: ")
+    assert "HF_HUB_OFFLINE" in message and "\n" not in message and "does not exist" not in message
+
+    _hub_cache_with("lllyasviel/Annotators", [hed_folder / "ControlNetHED.pth"], tmp_path / "hub")
+    image = _busy_scene(64).image
+    np.testing.assert_array_equal(hed.annotate(image, "lllyasviel/Annotators"), hed.annotate(image, str(hed_folder)))
+
+
+def test_annotator_weights_missing_from_the_offline_hub_stop_a_run_in_one_line(tiny_sd_dir, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(_busy_scene(32).image).save(folder / "scene.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "scene.png", "text": "a scene"}) + "\n")
+    result = run_script([PYTHON, "meta_train.py", *meta_train_args(
+        tiny_sd_dir, tmp_path / "out", "data.source=imagefolder", f"data.train_data_dir={folder}", "data.tasks=[hed]",
+        "data.annotators=lllyasviel/Annotators")], env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")},
+        check=False)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "Annotators" in line]
+    assert len(lines) == 1 and lines[0].startswith(
+        "meta_train: configuration error: HEDdetector: cannot load ControlNetHED.pth from the Hub repo "
+        "lllyasviel/Annotators: ") and "HF_HUB_OFFLINE" in lines[0]  # fmt: skip
 
 
 def test_unknown_condition_lists_the_known_ones() -> None:

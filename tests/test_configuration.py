@@ -13,7 +13,7 @@ from typing import Literal
 
 import pytest
 
-from metacontrol.config import MetaTrainConfig
+from metacontrol.config import FinetuneConfig, MetaTrainConfig
 from metacontrol.config_loader import ConfigError, from_dict, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,6 +230,23 @@ def test_new_meta_keys_are_validated(override: str, key: str) -> None:
         load_config(MetaTrainConfig, None, [override])
 
 
+@pytest.mark.parametrize("config, overrides, message", [
+    (MetaTrainConfig, ["meta.lr_warmup_steps=10"], r"meta\.lr_warmup_steps: 10 is not valid; expected 0 with "
+                                                   r"lr_scheduler 'constant'.*constant_with_warmup"),
+    (FinetuneConfig, ["lr_warmup_steps=10"], r"^lr_warmup_steps: 10 .*constant_with_warmup"),
+    (MetaTrainConfig, ["meta.lr_warmup_steps=-1", "meta.lr_scheduler=linear"], r"meta\.lr_warmup_steps: -1"),
+    (MetaTrainConfig, ["meta.outer_weight_decay=-0.1"], r"meta\.outer_weight_decay: -0\.1"),
+    (MetaTrainConfig, ["meta.outer_max_grad_norm=-1"], r"meta\.outer_max_grad_norm: -1"),
+    (MetaTrainConfig, ["num_validation_images=0"], r"^num_validation_images: 0 .*validation_steps: 0 turns"),
+    (FinetuneConfig, ["validation_inference_steps=0"], r"^validation_inference_steps: 0"),
+])  # fmt: skip
+def test_settings_that_would_be_ignored_or_fail_later_fail_at_load(config, overrides, message) -> None:
+    """Both scripts check the optimiser keys they share with one function, so the checks cannot drift."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(config, None, overrides)
+    load_config(MetaTrainConfig, None, ["meta.lr_warmup_steps=10", "meta.lr_scheduler=constant_with_warmup"])
+
+
 def test_lora_start_refuses_freezing() -> None:
     with pytest.raises(ConfigError, match="freeze") as info:
         load_config(MetaTrainConfig, None, ["meta.lora_rank=4", "freeze.inner=paper"])
@@ -261,3 +278,44 @@ def test_an_override_before_config_reaches_the_config() -> None:
 
     with pytest.raises(ConfigError, match=r"configs/meta_tiny\.yaml: meta\.algorithm: 'maml'"):
         meta_train.main(["meta.algorithm=maml", "--config", "configs/meta_tiny.yaml", "resolution=64"])
+
+
+# -- the package's configs and checkpoints (metacontrol/shipped.py): the defaults outside a checkout ---------------
+
+
+def test_configs_and_checkpoints_missing_here_are_the_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from metacontrol.models.base import local_folder
+    from metacontrol.shipped import SHIPPED, shipped_path
+
+    assert SHIPPED == REPO  # in a checkout (an editable install) the package's copies are the checkout's
+    monkeypatch.chdir(tmp_path)  # a folder with no configs/ or checkpoints/
+    assert shipped_path("configs/meta_tiny.yaml") == REPO / "configs/meta_tiny.yaml"
+    assert shipped_path("configs/recipes/joint.yaml") == REPO / "configs/recipes/joint.yaml"
+    assert load_config(MetaTrainConfig, "configs/meta_tiny.yaml").meta.max_meta_steps == 300
+    assert local_folder("checkpoints/tiny-sd", "base model folder") == REPO / "checkpoints/tiny-sd"
+    # Neither here nor in the package: the error names the path as written, and the hint the package's folder.
+    for unchanged in ("configs/nope.yaml", "outputs/run", "../configs/meta_tiny.yaml", "/configs/meta_tiny.yaml"):
+        assert shipped_path(unchanged) == Path(unchanged)
+    with pytest.raises(ConfigError, match=r"^config file configs/nope\.yaml does not exist$"):
+        load_config(MetaTrainConfig, "configs/nope.yaml")
+    with pytest.raises(ConfigError, match=r"checkpoints/tiny-sdd does not exist; did you mean checkpoints/tiny-sd\?$"):
+        local_folder("checkpoints/tiny-sdd", "base model folder")
+
+
+def test_a_path_in_the_working_directory_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from metacontrol.models.base import local_folder
+    from metacontrol.shipped import shipped_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs/meta_tiny.yaml").write_text("meta:\n  max_meta_steps: 7\n")
+    (tmp_path / "checkpoints/tiny-sd").mkdir(parents=True)
+    (tmp_path / "checkpoints/my-base").mkdir()
+    assert shipped_path("configs/meta_tiny.yaml") == Path("configs/meta_tiny.yaml")
+    assert load_config(MetaTrainConfig, "configs/meta_tiny.yaml").meta.max_meta_steps == 7
+    assert local_folder("checkpoints/tiny-sd", "base model folder") == Path("checkpoints/tiny-sd")
+    # A checkpoints/ of one's own: what it lacks is still the package's; a typo's hint comes from it.
+    assert local_folder("checkpoints/joint-3x-controlnet-tiny", "ControlNet folder") == (
+        REPO / "checkpoints/joint-3x-controlnet-tiny")
+    with pytest.raises(ConfigError, match=r"did you mean checkpoints/my-base\?$"):
+        local_folder("checkpoints/my-bse", "base model folder")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
 from pathlib import Path
 
 import cv2
@@ -22,23 +24,25 @@ from metacontrol.data.datasets import (
     SyntheticDataset,
     to_example,
 )
-from metacontrol.data.images import BadSampleError, load_rgb, pil_to_rgb
+from metacontrol.data.images import BadSampleError, load_rgb
 from metacontrol.world import WorldConfig
 
 RES = 64
 
 
-def _picture(seed: int, height: int = 80, width: int = 96) -> np.ndarray:
-    """An RGB image with a few flat shapes: clear edges for canny, texture for lineart."""
+def _picture(seed: int, height: int = 2 * RES, width: int = 3 * RES) -> np.ndarray:
+    """An RGB image with a few flat shapes: clear edges for canny, texture for lineart.
+
+    The default size is twice the resolution on the shorter side, so ``_fit_by_hand`` is exact."""
     rng = np.random.default_rng(seed)
     image = np.full((height, width, 3), rng.integers(0, 256, 3), np.uint8)
+    box_w, box_h, radius = width // 5, height // 5, min(height, width) // 10  # shapes scale with the image
     for _ in range(3):
         colour = [int(c) for c in rng.integers(0, 256, 3)]
-        x, y = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
-        cv2.rectangle(image, (x, y), (x + 20, y + 15), colour, thickness=-1)
-        cv2.circle(
-            image, (int(rng.integers(10, width - 10)), int(rng.integers(10, height - 10))), 8, colour, -1
-        )
+        x, y = int(rng.integers(0, width - box_w)), int(rng.integers(0, height - box_h))
+        cv2.rectangle(image, (x, y), (x + box_w, y + box_h), colour, thickness=-1)
+        centre = (int(rng.integers(radius, width - radius)), int(rng.integers(radius, height - radius)))
+        cv2.circle(image, centre, radius, colour, -1)
     return image
 
 
@@ -64,8 +68,23 @@ def _rgb_folder(root: Path, count: int = 3) -> Path:
     return _write_folder(root, entries, {n: Image.fromarray(_picture(i)) for i, n in enumerate(names)})
 
 
-def _canny(path: Path) -> torch.Tensor:
-    return torch.from_numpy(cv2.Canny(load_rgb(path, RES), 100, 200).astype(np.float32) / 255.0)
+def _fit_by_hand(image: np.ndarray, size: int = RES) -> np.ndarray:
+    """What a dataset must make of ``image``, as diffusers' ControlNet example does it, with plain Pillow:
+    resize the whole image so its shorter side is ``size`` (Lanczos), then cut out the centre square.
+    Only for sizes where that is exact: the resized sides and both margins are whole numbers of pixels."""
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    new_width, new_height = round(width * scale), round(height * scale)
+    assert (new_width, new_height) == (width * scale, height * scale), "pick a size that scales exactly"
+    assert (new_width - size) % 2 == 0 and (new_height - size) % 2 == 0, "pick a size with even margins"
+    resized = np.array(Image.fromarray(image).resize((new_width, new_height), Image.Resampling.LANCZOS))
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    return resized[top : top + size, left : left + size]
+
+
+def _pixel_values(image: np.ndarray) -> torch.Tensor:
+    """An (H, W, 3) uint8 image as a dataset item's ``pixel_values``: channels first, in [-1, 1]."""
+    return torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 
 # -- synthetic -----------------------------------------------------------------------------------
@@ -128,12 +147,11 @@ def test_image_folder_canny_matches_cv2_and_cache_is_reused(tmp_path: Path, capl
     assert len(dataset) == 3 and dataset.skipped == []
     items = [dataset[i] for i in range(3)]
     for i, item in enumerate(items):
-        path = root / f"{i:03d}.png"
         assert item["caption"] == f"picture {i}"
         assert item["pixel_values"].shape == item["conditioning_pixel_values"].shape == (3, RES, RES)
-        expected = torch.from_numpy(load_rgb(path, RES).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
-        assert torch.equal(item["pixel_values"], expected)
-        edges = _canny(path)
+        expected = _fit_by_hand(_picture(i))
+        assert torch.equal(item["pixel_values"], _pixel_values(expected))
+        edges = torch.from_numpy(cv2.Canny(expected, 100, 200).astype(np.float32) / 255.0)
         assert edges.sum() > 0
         for channel in item["conditioning_pixel_values"]:
             assert torch.equal(channel, edges)
@@ -194,21 +212,48 @@ def test_cache_key_follows_image_and_condition_settings(tmp_path: Path) -> None:
 
 
 def test_precomputed_condition_files_are_used_instead_of_annotating(tmp_path: Path) -> None:
-    condition_map = np.zeros((80, 96, 3), np.uint8)
-    condition_map[20:60, 30:70] = (255, 0, 163)  # a "ball" in the ADE20K palette
+    condition_map = np.zeros((2 * RES, 3 * RES, 3), np.uint8)
+    condition_map[40:88, 60:132] = (255, 0, 163)  # a "ball" in the ADE20K palette
     root = _write_folder(
         tmp_path / "seg",
         [{"file_name": "a.png", "conditioning_file_name": "a_seg.png", "text": "a ball"}],
         {"a.png": Image.fromarray(_picture(1)), "a_seg.png": Image.fromarray(condition_map)},
     )
     dataset = ImageFolderDataset(root, "seg", RES)  # seg has no annotator: only precomputed maps work
-    item = dataset[0]
-    expected = load_rgb(root / "a_seg.png", RES)
-    assert torch.equal(
-        item["conditioning_pixel_values"],
-        torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1) / 255,
-    )
+    conditioning = dataset[0]["conditioning_pixel_values"]
+    expected = _fit_by_hand(condition_map)
+    assert torch.equal(conditioning, torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1) / 255)
+    # Halved and shifted left by the 16-pixel crop: rows 20..44, columns 14..50, flat well inside the edges.
+    ball = torch.tensor([1.0, 0.0, 163 / 255])[:, None, None]
+    assert torch.equal(conditioning[:, 24:40, 18:46], ball.expand(3, 16, 28))
+    assert conditioning[:, :16].max() == 0 and conditioning[:, :, 54:].max() == 0
     assert dataset.cache.misses == dataset.cache.hits == 0
+
+
+@pytest.mark.parametrize("landscape", [True, False])
+def test_images_are_resized_on_the_shorter_side_then_centre_cropped(tmp_path: Path, landscape: bool) -> None:
+    """A centre square of four flat quadrants between green margins: the margins go, the quadrants stay put."""
+    quadrants = [[(200, 0, 0), (0, 0, 200)], [(250, 250, 0), (90, 90, 90)]]
+    square = np.zeros((2 * RES, 2 * RES, 3), np.uint8)
+    for row in (0, 1):
+        for column in (0, 1):
+            square[row * RES : (row + 1) * RES, column * RES : (column + 1) * RES] = quadrants[row][column]
+    margin = np.full((2 * RES, RES // 2, 3), (0, 255, 0), np.uint8)
+    if landscape:
+        photo = np.concatenate([margin, square, margin], axis=1)
+    else:
+        photo = np.concatenate([margin.transpose(1, 0, 2), square, margin.transpose(1, 0, 2)], axis=0)
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+
+    loaded = load_rgb(tmp_path / "photo.png", RES)
+    assert np.array_equal(loaded, _fit_by_hand(photo))
+    # Lanczos reaches 3 output pixels (6 source pixels at scale 1/2): 4 pixels from any edge the colours are exact.
+    half, inside = RES // 2, slice(4, RES // 2 - 4)
+    for row in (0, 1):
+        for column in (0, 1):
+            block = loaded[row * half :, column * half :][inside, inside]
+            assert (block == quadrants[row][column]).all(), (row, column)
+    assert not (loaded[4:-4, 4:-4] == (0, 255, 0)).all(axis=2).any()  # no margin left inside
 
 
 def test_condition_without_weights_fails_at_construction(tmp_path: Path) -> None:
@@ -224,10 +269,14 @@ def test_condition_without_weights_fails_at_construction(tmp_path: Path) -> None
 # -- bad input -----------------------------------------------------------------------------------
 
 
+def _deep_gradient() -> np.ndarray:
+    """A 16-bit grey ramp from 0 (left) to 65535 (right), 128 px square."""
+    return np.tile(np.linspace(0, 65535, 2 * RES).astype(np.uint16), (2 * RES, 1))
+
+
 def _messy_folder(root: Path) -> Path:
     rgba = np.zeros((80, 80, 4), np.uint8)
     rgba[:, :40] = (200, 10, 10, 255)  # left half opaque red, right half fully transparent
-    gradient = np.tile(np.linspace(0, 65535, 128).astype(np.uint16), (128, 1))
     valid = Image.fromarray(_picture(5))
     valid.save(root.parent / "full.png")
     truncated = (root.parent / "full.png").read_bytes()
@@ -236,7 +285,7 @@ def _messy_folder(root: Path) -> Path:
         "good.png": valid,
         "gray.png": Image.fromarray(_picture(2)[:, :, 0]),
         "rgba.png": Image.fromarray(rgba),
-        "deep.png": Image.fromarray(gradient),
+        "deep.png": Image.fromarray(_deep_gradient()),
         "small.png": Image.fromarray(_picture(3, 32, 32)),
         "truncated.png": truncated[: len(truncated) * 2 // 3],
         "uncaptioned.png": Image.fromarray(_picture(4)),
@@ -266,12 +315,11 @@ def test_bad_samples_are_skipped_at_indexing_and_odd_modes_convert(tmp_path: Pat
     rgba = items["rgba.png"]["pixel_values"]
     assert torch.allclose(rgba[:, :, -8:], torch.ones(3, RES, 8))  # transparent -> white
     assert rgba[0, 0, 0] > 0.5 and rgba[1, 0, 0] < -0.5  # opaque red stays red
-    # The 16-bit gradient keeps its range: ~0..255 from left to right, not clipped to white.
-    deep = load_rgb(root / "deep.png", RES)[:, :, 0].astype(int)
-    assert deep[:, 0].max() <= 3 and deep[:, -1].min() >= 252 and np.all(np.diff(deep[0]) >= 0)
-    assert torch.equal(
-        items["deep.png"]["pixel_values"][0], torch.from_numpy(deep.astype(np.float32)) / 127.5 - 1
-    )
+    # The 16-bit gradient keeps its range: 0..255 from left to right (scaled by 255/65535), not clipped to white.
+    eight_bit = np.rint(_deep_gradient() * (255 / 65535)).astype(np.uint8)
+    deep = _fit_by_hand(np.repeat(eight_bit[:, :, None], 3, axis=2))
+    assert deep[:, 0].max() <= 3 and deep[:, -1].min() >= 252 and np.all(np.diff(deep[0].astype(int), axis=0) >= 0)
+    assert torch.equal(items["deep.png"]["pixel_values"], _pixel_values(deep))
 
 
 def test_first_bad_sample_raises_under_error(tmp_path: Path) -> None:
@@ -323,8 +371,7 @@ def test_hugging_face_dataset_from_disk(tmp_path: Path) -> None:
     item = dataset[1]
     assert item["caption"] == "b"
     assert item["pixel_values"].shape == item["conditioning_pixel_values"].shape == (3, RES, RES)
-    expected = torch.from_numpy(pil_to_rgb(pictures[1], RES).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
-    assert torch.equal(item["pixel_values"], expected)
+    assert torch.equal(item["pixel_values"], _pixel_values(_fit_by_hand(_picture(1))))
     condition = item["conditioning_pixel_values"]
     assert condition.min() == 0.0 and condition.max() > 0.5 and torch.equal(condition[0], condition[2])
 
@@ -336,3 +383,50 @@ def test_hugging_face_dataset_from_disk(tmp_path: Path) -> None:
         HuggingFaceDataset(tmp_path / "hf", RES, split="validation")
     with pytest.raises(ConfigError, match="not decoded images"):
         HuggingFaceDataset(tmp_path / "hf", RES, conditioning_image_column="text")
+
+
+def _saved_with_bad_rows(path: Path) -> Path:
+    """A saved dataset of seven rows: 0 and 6 good; 1 no caption, 2 an empty one, 3 an image that is not
+    one, 4 a conditioning image cut short (a truncated PNG), 5 no image."""
+    import datasets
+
+    buffer = io.BytesIO()
+    Image.fromarray(_picture(9)).save(buffer, format="PNG")
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) * 2 // 3]
+    good = [Image.fromarray(_picture(i)) for i in range(7)]
+    images = [*good[:3], {"bytes": b"not an image", "path": None}, good[4], None, good[6]]
+    maps = [*good[:4], {"bytes": truncated, "path": None}, *good[5:]]
+    features = datasets.Features(
+        {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
+    )
+    table = datasets.Dataset.from_dict(
+        {"image": images, "conditioning_image": maps, "text": ["a", None, " ", "d", "e", "f", "g"]}, features=features
+    )
+    table.save_to_disk(str(path))
+    return path
+
+
+def test_bad_rows_of_a_saved_dataset_follow_on_bad_sample(tmp_path: Path, caplog) -> None:
+    import datasets
+
+    path = _saved_with_bad_rows(tmp_path / "hf")
+    with pytest.raises(BadSampleError, match=rf"^{re.escape(str(path))}\[1\]: empty or non-text caption None$"):
+        HuggingFaceDataset(path, RES)  # on_bad_sample: error, at construction
+
+    caplog.set_level(logging.WARNING)
+    dataset = HuggingFaceDataset(path, RES, on_bad_sample="skip")
+    assert [row for row, _ in dataset.skipped] == [f"{path}[1]", f"{path}[2]", f"{path}[3].image",
+                                                   f"{path}[4].conditioning_image", f"{path}[5].image"]  # fmt: skip
+    reasons = [reason for _, reason in dataset.skipped]
+    assert "empty or non-text caption ' '" in reasons[1]
+    assert "cannot be decoded as an image" in reasons[2] and "truncated" in reasons[3] and "no image" in reasons[4]
+    assert f"skipped 5 of 7 samples in {path}" in caplog.text
+    assert len(dataset) == 2 and dataset.captions == ["a", "g"]
+    assert dataset[1]["caption"] == "g"
+    assert torch.equal(dataset[1]["pixel_values"], _pixel_values(_fit_by_hand(_picture(6))))
+    with pytest.raises(IndexError):
+        dataset[2]
+
+    datasets.load_from_disk(str(path)).select([1, 2, 3]).save_to_disk(str(tmp_path / "all-bad"))
+    with pytest.raises(BadSampleError, match=r"all-bad: no usable samples \(3 rows, all skipped as bad\)"):
+        HuggingFaceDataset(tmp_path / "all-bad", RES, on_bad_sample="skip")

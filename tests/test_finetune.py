@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import PYTHON, REPO, run_script
+from tests.conftest import PYTHON, REPO, run_script, torchrun
 from tests.test_captions import caption_folder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -170,6 +171,9 @@ def test_lora_trains_adapters_and_zero_convs_and_saves_merged(full_run, tiny_sd_
         return int(_card_row(folder, "trainable parameters").split(" of ")[0].replace(",", ""))
 
     assert trainable(out) < 0.25 * trainable(full_run)
+    # Its checkpoint holds what trains (adapters, zero convolutions), not the whole ControlNet.
+    with safe_open(str(out / "checkpoint-4" / "trained_parameters.safetensors"), "pt") as f:
+        assert sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys()) == trainable(out)
     # The adapter applied to the initialisation is the merged folder.
     reloaded = PeftModel.from_pretrained(ControlNetModel.from_pretrained(full_run), out / "lora")
     reloaded = reloaded.merge_and_unload()
@@ -215,17 +219,27 @@ def test_non_finite_loss_names_step_and_samples(full_run, tiny_sd_dir, tmp_path)
 def test_two_processes_train_and_all_stop_at_a_nan_without_waiting(tiny_sd_dir, tmp_path):
     """Under torchrun (gloo) each process draws its own batch; DDP averages. A NaN stops every process at the
     same step, each saying where, instead of leaving one waiting in the next collective."""
-    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534"]
     args = finetune_args(tiny_sd_dir, tmp_path / "two", "validation_steps=2", "num_validation_images=1",
                          "validation_inference_steps=2")[1:]
-    run_script([*torchrun, *args], env={"ACCELERATE_USE_CPU": "1"})
+    run_script(torchrun(*args, nproc=2), env={"ACCELERATE_USE_CPU": "1"})
     assert _card_row(tmp_path / "two", "optimiser").endswith("batch 4 x 2 process(es)")
     assert sorted(p.name for p in (tmp_path / "two" / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
 
     nan = finetune_args(tiny_sd_dir, tmp_path / "nan", "learning_rate=1e30", "max_grad_norm=0")[1:]
-    result = run_script([*torchrun, *nan], env={"ACCELERATE_USE_CPU": "1"}, check=False, timeout=120)
+    result = run_script(torchrun(*nan, nproc=2), env={"ACCELERATE_USE_CPU": "1"}, check=False, timeout=120)
     assert result.returncode != 0
     stops = re.findall(r"finetune: loss is \S+ at step (\d+), condition 'normal', sample indices \[[\d, ]+\] "
                        r"\(process (\d)\)", result.stderr)  # the two may share a line of stderr
     assert sorted(process for _, process in stops) == ["0", "1"] and len({step for step, _ in stops}) == 1, \
         result.stderr[-3000:]
+
+
+def test_bf16_with_validation_runs_to_its_end_and_saves(tiny_sd_dir, tmp_path):
+    """The validation pipeline gets the ControlNet without accelerate's fp32 output wrapper, so its residuals
+    meet the bf16 UNet in bf16 (with the wrapper: "mixed dtype (CPU)" at the first validation)."""
+    out = tmp_path / "bf16"
+    run_script(finetune_args(tiny_sd_dir, out, "mixed_precision=bf16", "validation_steps=2", "num_validation_images=1",
+                             "validation_inference_steps=2"))  # fmt: skip
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000002.png", "step-000004.png"]
+    assert _card_row(out, "mixed precision") == "bf16"
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in _weights(out).values())

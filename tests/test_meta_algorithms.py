@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metacontrol.freezing import set_requires_grad, trainable_parameters
-from metacontrol.meta.algorithms import MetaLearner, ParameterSnapshot
+from metacontrol.meta.algorithms import MetaLearner, ParameterSnapshot, outer_step
 
 
 def _quadratic(params, target: torch.Tensor) -> torch.Tensor:
@@ -94,7 +94,8 @@ def test_inner_adam_state_is_fresh_per_task():
 def test_joint_step_is_gradient_of_mean_loss():
     params = _model()
     learner = MetaLearner(params, params, algorithm="joint", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None)
-    learner.joint_step([lambda t=t: _quadratic(params, t) for t in TARGETS], total_tasks=2)
+    learner.joint_gradients([lambda t=t: _quadratic(params, t) for t in TARGETS])
+    learner.finish(total_tasks=2)
     w = params[0].detach()
     expected = sum(2 * (w - t) for t in TARGETS) / 2
     torch.testing.assert_close(params[0].grad, expected, rtol=0, atol=1e-6)
@@ -215,7 +216,8 @@ def _run_fomaml_with(scaler: torch.amp.GradScaler) -> list[torch.nn.Parameter]:
 def _joint(scaler: torch.amp.GradScaler | None) -> list[torch.nn.Parameter]:
     params = _model()
     learner = MetaLearner(params, params, algorithm="joint", inner_optimizer="sgd", inner_learning_rate=LR, max_grad_norm=None, grad_scaler=scaler)
-    learner.joint_step([lambda t=t: _quadratic(params, t) for t in TARGETS], total_tasks=2)
+    learner.joint_gradients([lambda t=t: _quadratic(params, t) for t in TARGETS])
+    learner.finish(total_tasks=2)
     return params
 
 
@@ -233,3 +235,67 @@ def test_parameters_frozen_in_both_phases_get_no_gradient():
     learner.finish(1)
     assert all(not p.requires_grad and p.grad is None for p in model[0].parameters())
     assert all(p.grad is not None for p in model[1].parameters())
+
+
+def _clipped(g: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """g scaled to norm ``max_norm`` if longer: clip_grad_norm_ by hand (one tensor, its epsilon included)."""
+    return g * min(1.0, max_norm / (float(g.norm()) + 1e-6))
+
+
+def test_clipped_inner_and_outer_steps_match_hand_computation():
+    """Reptile with both clips on: each inner SGD step clipped to max_grad_norm, the meta-gradient theta - mean(phi)
+    clipped to outer_max_grad_norm before the outer SGD step (meta step size EPS)."""
+    inner_clip, outer_clip, eps = 0.5, 0.05, 0.8
+    params = [torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))]
+    learner = MetaLearner(params, params, algorithm="reptile", inner_optimizer="sgd", inner_learning_rate=LR,
+                          max_grad_norm=inner_clip)
+    optimizer = torch.optim.SGD(params, lr=eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    theta = params[0].detach().clone()
+    learner.begin()
+    for target in TARGETS:
+        learner.adapt([lambda t=target: ((params[0] - t) ** 2).sum()] * STEPS)
+        learner.accumulate()
+    learner.finish(len(TARGETS))
+    norm = outer_step(optimizer, schedule, params, outer_clip)
+
+    phis = []
+    for target in TARGETS:
+        w = theta.clone()
+        for _ in range(STEPS):
+            w = w - LR * _clipped(2 * (w - target), inner_clip)
+        phis.append(w)
+    meta_grad = theta - sum(phis) / len(phis)
+    assert norm == pytest.approx(float(meta_grad.norm()), rel=1e-6)  # the norm before clipping
+    assert float(meta_grad.norm()) > outer_clip  # so the outer clip acts
+    torch.testing.assert_close(params[0].detach(), theta - eps * _clipped(meta_grad, outer_clip), rtol=0, atol=1e-6)
+
+
+def test_outer_clipping_off_keeps_reptiles_step_size():
+    params = [torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))]
+    params[0].grad = torch.tensor([3.0, 4.0, 12.0])  # norm 13
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    assert outer_step(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), params, 0.0) == 13.0
+    torch.testing.assert_close(params[0].detach(), torch.tensor([-0.5, -4.0, -5.5]))
+
+
+def test_inner_steps_through_grad_scaler_equal_unscaled_ones_and_skip_on_overflow():
+    """fp16's GradScaler in the inner loop: scale, unscale (exact: a power of two), clip, step. An overflowing
+    step is skipped and the scale backs off, as torch.amp does; the next one is taken."""
+    def adapted(scaler: torch.amp.GradScaler | None, clip: float | None) -> torch.Tensor:
+        params = [torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))]
+        learner = MetaLearner(params, params, algorithm="reptile", inner_optimizer="sgd", inner_learning_rate=LR,
+                              max_grad_norm=clip, grad_scaler=scaler)
+        learner.begin()
+        learner.adapt([lambda: ((params[0] - TARGETS[0]) ** 2).sum()] * STEPS)
+        return params[0].detach().clone()
+
+    for clip in (None, 0.5):
+        assert torch.equal(adapted(torch.amp.GradScaler("cpu", init_scale=2.0**10), clip), adapted(None, clip))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    one_step_fewer = adapted(scaler, None)  # the first step overflows at 2^127 and is skipped
+    assert scaler.get_scale() == 2.0**27
+    w = torch.tensor([1.0, -2.0, 0.5])
+    for _ in range(STEPS - 1):
+        w = w - LR * 2 * (w - TARGETS[0])
+    torch.testing.assert_close(one_step_fewer, w, rtol=0, atol=1e-6)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import PYTHON, REPO, meta_train_args, run_script, script_env
+from tests.conftest import PYTHON, REPO, free_port, meta_train_args, run_script, script_env, torchrun
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
@@ -27,6 +27,10 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=atol, msg=f"{key} differs")
+
+
+def _digest(folder: Path) -> str:
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sorted(folder.iterdir()))).hexdigest()
 
 
 def _initial_controlnet(tiny_sd_dir: Path):
@@ -71,40 +75,74 @@ def test_two_processes_equal_one_process(reference_run, tiny_sd_dir, tmp_path):
     runs on rank 0 only (rank 1 waits) and must neither deadlock nor change the training.
     """
     out = tmp_path / "two"
-    run_script([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-                "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6", "validation_steps=3",
-                                                  "num_validation_images=1", "validation_inference_steps=2")],
-               env={"ACCELERATE_USE_CPU": "1"})
+    run_script(torchrun("meta_train.py", *meta_train_args(
+        tiny_sd_dir, out, "meta.max_meta_steps=6", "validation_steps=3", "num_validation_images=1",
+        "validation_inference_steps=2"), nproc=2), env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
     _assert_same_weights(out, reference_run)
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png", "step-000006.png"]
 
 
+def test_two_nodes_equal_one_process(reference_run, tiny_sd_dir, tmp_path):
+    """Two machines of one process each, as `accelerate launch --num_machines 2` starts them: here two torchrun
+    agents with node ranks 0 and 1 meeting at a localhost rendezvous (gloo)."""
+    out, port = tmp_path / "two-nodes", free_port()
+    args = meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6")
+    nodes = [subprocess.Popen(torchrun("meta_train.py", *args, nnodes=2, node_rank=rank, port=port), cwd=REPO,
+                              env=script_env({"ACCELERATE_USE_CPU": "1"}), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
+    try:
+        results = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in results)
+    _assert_same_weights(out, reference_run)
+
+
+def test_checkpoints_hold_no_pickles_and_only_what_trains(reference_run):
+    """safetensors for tensors, JSON for the rest: loading a shared checkpoint runs no code."""
+    import json
+
+    from safetensors import safe_open
+
+    checkpoint = reference_run / "checkpoint-6"
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "optimizer.safetensors", "trained_parameters.safetensors", "training_state.json"]
+    state = json.loads((checkpoint / "training_state.json").read_text())
+    assert state["step"] == 6
+    with safe_open(str(checkpoint / "trained_parameters.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(state["parameters"]) == sorted(_weights(reference_run))
+
+
 def test_sigkill_then_resume_equals_uninterrupted(reference_run, tiny_sd_dir, tmp_path):
+    """A run that cannot end before the kill (100000 meta-steps; the constant schedule does not depend on the
+    length), killed once checkpoint-2 is complete, then resumed from checkpoint-2 for the reference's 6 steps."""
     out = tmp_path / "killed"
-    args = [PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6",
-                                                      "checkpointing_steps=1")]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=script_env())
+    args = [PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "checkpointing_steps=1",
+                                                      "checkpoints_total_limit=null")]
+    proc = subprocess.Popen([*args, "meta.max_meta_steps=100000"], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=script_env())
     deadline = time.time() + 240
     while not (out / "checkpoint-2").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / WEIGHTS).exists(), "the run finished before it could be killed"
-    run_script([*args, "resume_from_checkpoint=latest"])
+    assert (out / "checkpoint-2").is_dir(), "no checkpoint-2 was written"
+    run_script([*args, "meta.max_meta_steps=6", f"resume_from_checkpoint={out / 'checkpoint-2'}"])
     _assert_same_weights(out, reference_run)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_sd_dir, tmp_path):
     out = tmp_path / "nan"
     run_script([PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=2")])
-    digest = hashlib.sha256((out / "checkpoint-2" / "custom_checkpoint_0.pkl").read_bytes()).hexdigest()
+    digest = _digest(out / "checkpoint-2")
     result = run_script([PYTHON, "meta_train.py", *meta_train_args(
         tiny_sd_dir, out, "meta.max_meta_steps=4", "resume_from_checkpoint=latest", "meta.inner_optimizer=sgd", "meta.inner_learning_rate=1e30",
         "meta.max_grad_norm=0")], check=False)  # fmt: skip
     assert result.returncode != 0
     assert re.search(r"meta_train: loss is \S+ at meta-step 2, task '\w+'", result.stderr), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
-    assert hashlib.sha256((out / "checkpoint-2" / "custom_checkpoint_0.pkl").read_bytes()).hexdigest() == digest
+    assert _digest(out / "checkpoint-2") == digest
     assert not (out / "checkpoint-3").exists() and not (out / "checkpoint-4").exists()
 
 
@@ -131,3 +169,49 @@ def test_paper_freeze_leaves_last_encoder_block_and_middle_untouched(tiny_sd_dir
     assert frozen
     assert all(torch.equal(trained[k], initial[k]) for k in frozen)
     assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.startswith("controlnet_down_blocks"))
+
+
+def test_bf16_run_starts_from_the_fp32_unet_bit_for_bit(tiny_sd_dir, tmp_path):
+    """The ControlNet is copied from the UNet before the base is cast to bf16, not from a rounded copy."""
+    from accelerate.state import AcceleratorState
+
+    from metacontrol.config import MetaTrainConfig
+    from metacontrol.config_loader import load_config
+    from metacontrol.run import set_up_run
+
+    cfg = load_config(MetaTrainConfig, None, meta_train_args(tiny_sd_dir, tmp_path / "o", "mixed_precision=bf16"))
+    try:
+        run = set_up_run(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+    assert run.base.unet.dtype == torch.bfloat16
+    assert run.base.vae.dtype == run.base.text_encoder.dtype == torch.float32  # encoders: fp32, cache-stable
+    from diffusers import UNet2DConditionModel
+
+    built = run.controlnet.state_dict()
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").state_dict()  # fp32
+    copied = [k for k in built if k in unet]  # the encoder, time embedding and conv_in that from_unet copies
+    assert len(copied) > len(built) // 2
+    assert all(built[k].dtype == torch.float32 and torch.equal(built[k], unet[k]) for k in copied)
+
+
+def test_meta_training_lowers_the_loss_on_its_tasks(reference_run, tiny_sd_dir):
+    """The ControlNet loss on the tasks' own scenes, same batches and noise, before and after 6 Reptile steps."""
+    from diffusers import ControlNetModel
+
+    from metacontrol.data.pools import synthetic_pools
+    from metacontrol.models.base import load_base_model
+    from metacontrol.objective import ControlNetObjective
+    from metacontrol.world import WorldConfig
+
+    base = load_base_model(str(tiny_sd_dir)).freeze()
+    pools = synthetic_pools(WorldConfig(resolution=32), ["canny", "hed", "depth", "pose"], 8, show_progress=False)
+
+    @torch.no_grad()
+    def mean_loss(controlnet) -> float:
+        objective = ControlNetObjective(base, controlnet.eval())
+        return sum(float(objective.loss(pool.batch(range(8)), torch.Generator().manual_seed(seed)))
+                   for pool in pools.values() for seed in range(4)) / (4 * len(pools))
+
+    before, after = mean_loss(_initial_controlnet(tiny_sd_dir)), mean_loss(ControlNetModel.from_pretrained(reference_run))
+    assert after < before, (before, after)

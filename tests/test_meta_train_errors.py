@@ -108,7 +108,8 @@ def test_resuming_from_an_incomplete_checkpoint_names_what_is_missing(tmp_path):
 
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()
-    (checkpoint / "random_states_0.pkl").write_bytes(b"")
-    with pytest.raises(ConfigError, match=r"checkpoint-3 is not a complete accelerate checkpoint \(no custom_"):
+    (checkpoint / "trained_parameters.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"checkpoint-3 is not a complete checkpoint \(no optimizer.safetensors, "
+                                          r"training_state.json\)"):
         resolve_resume_path(str(checkpoint), tmp_path)
     assert resolve_resume_path("latest", tmp_path) is None  # skipped, with a warning naming it

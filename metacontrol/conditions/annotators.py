@@ -1,23 +1,28 @@
 """Loading controlnet-aux annotators from a local folder (a copy of ``lllyasviel/Annotators``) or a Hub id.
 
 controlnet-aux is imported lazily: importing it costs seconds and it is only needed for real images.
+Which of the two a location is follows the project's one rule (``metacontrol.models.base.local_folder``).
 A missing weight file is reported with its name and the folder it was looked for in, before
-controlnet-aux gets a chance to fail deep inside ``torch.load`` or a Hub download.
+controlnet-aux gets a chance to fail deep inside ``torch.load``; a Hub id is always tried, since the
+local Hub cache may hold it even offline.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
+from metacontrol.config_loader import ConfigError
 
-class AnnotatorUnavailable(RuntimeError):
-    """An annotator cannot be built: weights missing, or the condition has no annotator at all."""
+
+class AnnotatorUnavailable(ConfigError):
+    """An annotator cannot be built: weights missing, or the condition has no annotator at all.
+
+    A configuration error (every process meets it alike), so scripts print it as one line.
+    """
 
 
 @dataclass(frozen=True)
@@ -66,23 +71,24 @@ def load_annotator(spec: AnnotatorSpec, location: str | None) -> Any:
             f"{spec.class_name} needs weights ({wanted}); set `annotators` to a local folder holding them "
             "(for example a copy of lllyasviel/Annotators) or to a Hub id"
         )
-    folder = Path(location)
-    if folder.is_dir():
-        missing = [f for f in spec.weight_files if not (folder / f).is_file()]
-        if missing:
-            raise AnnotatorUnavailable(
-                f"{spec.class_name}: weight file(s) {', '.join(missing)} not found in {folder.resolve()} "
-                f"(looked for {', '.join(str(folder / f) for f in missing)})"
-            )
-        return cls.from_pretrained(str(folder))
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.sep in location and not folder.exists():
-        raise AnnotatorUnavailable(
-            f"{spec.class_name}: annotator folder {location} does not exist "
-            f"(and the Hub is offline or the name is a path); it must hold {wanted}"
-        )
+    # imports diffusers (seconds): only when weights are loaded
+    from metacontrol.models.base import load_failure, local_folder
+
     try:
-        return cls.from_pretrained(location)
-    except Exception as err:  # hub errors come in many types; re-raise with what was asked for
+        folder = local_folder(location, f"{spec.class_name}: annotator folder")
+    except ConfigError as err:
+        raise AnnotatorUnavailable(f"{err}; it must hold {wanted}") from None
+    if folder is None:  # a Hub id
+        try:
+            return cls.from_pretrained(location)
+        except OSError as err:  # the Hub cannot be reached (or is offline) and the local Hub cache lacks the files
+            raise AnnotatorUnavailable(
+                f"{spec.class_name}: cannot load {wanted} from the Hub repo {location}: {load_failure(err)}"
+            ) from None
+    missing = [f for f in spec.weight_files if not (folder / f).is_file()]
+    if missing:
         raise AnnotatorUnavailable(
-            f"{spec.class_name}: could not fetch {wanted} from Hub repo {location!r}: {err}"
-        ) from err
+            f"{spec.class_name}: weight file(s) {', '.join(missing)} not found in {folder.resolve()} "
+            f"(looked for {', '.join(str(folder / f) for f in missing)})"
+        )
+    return cls.from_pretrained(str(folder))

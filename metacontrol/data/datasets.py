@@ -19,7 +19,16 @@ from torch.utils.data import Dataset
 from metacontrol.conditions import get_condition
 from metacontrol.config_loader import ConfigError, check
 from metacontrol.data.annotation_cache import AnnotationCache
-from metacontrol.data.images import BLACK, BadSampleError, BadSamplePolicy, OnBadSample, load_rgb, pil_to_rgb
+from metacontrol.data.images import (
+    BLACK,
+    WHITE,
+    BadSampleError,
+    BadSamplePolicy,
+    OnBadSample,
+    decode,
+    load_rgb,
+    pil_to_rgb,
+)
 from metacontrol.world import Scene, SceneWorld, WorldConfig
 
 # Split s uses seeds SPLIT_SEED_OFFSETS[s] + index; the gap bounds split sizes so no scene is in two splits.
@@ -218,9 +227,14 @@ class HuggingFaceDataset(Dataset):
     """A ``datasets`` dataset saved with ``save_to_disk``, in the columns of diffusers' ControlNet example.
 
     Image columns must be ``datasets.Image`` features. ``split`` picks from a saved DatasetDict and is
-    ignored for a single Dataset. Rows are not decoded up front: for Hub-sized datasets that would take
-    as long as an epoch; a broken row fails when it is read, with its index in the message.
+    ignored for a single Dataset. Every row is read once at construction, as an image folder's files are,
+    so a bad row stops (or is skipped) before training starts rather than deep in a step: both images
+    must decode and convert, the caption must be non-empty text. Bad rows (``<path>[i]``) are handled by
+    ``on_bad_sample``; ``skipped`` lists (row, reason) of those left out, and indexing and ``captions``
+    go over the kept rows.
     """
+
+    IMAGE_KEYS = ("image_column", "conditioning_image_column")
 
     def __init__(
         self,
@@ -230,10 +244,12 @@ class HuggingFaceDataset(Dataset):
         conditioning_image_column: str = "conditioning_image",
         caption_column: str = "text",
         split: str = "train",
+        on_bad_sample: OnBadSample = "error",
     ) -> None:
         import datasets  # importing it takes a second; only this source needs it
 
         check(isinstance(resolution, int) and resolution >= 1, "resolution", resolution, "a positive integer")
+        policy = BadSamplePolicy(on_bad_sample)
         self.path = Path(path)
         self.resolution = resolution
         loaded = datasets.load_from_disk(str(path))
@@ -249,7 +265,7 @@ class HuggingFaceDataset(Dataset):
                 raise ConfigError(
                     f"{path}: column {column!r} ({key}) not found; available columns: {available}"
                 )
-        for key in ("image_column", "conditioning_image_column"):
+        for key in self.IMAGE_KEYS:
             feature = loaded.features[self.columns[key]]
             if not (isinstance(feature, datasets.Image) and feature.decode):
                 raise ConfigError(
@@ -258,27 +274,53 @@ class HuggingFaceDataset(Dataset):
                 )
         if len(loaded) == 0:
             raise BadSampleError(f"{path}: the dataset has no rows", path)
-        self._data = loaded.select_columns(list(dict.fromkeys(self.columns.values())))
+        # Rows hold the images' encoded bytes; ``_read`` decodes them itself, so a broken one is a bad sample.
+        self._features = {self.columns[key]: loaded.features[self.columns[key]] for key in self.IMAGE_KEYS}
+        data = loaded.select_columns(list(dict.fromkeys(self.columns.values())))
+        for column in self._features:
+            data = data.cast_column(column, datasets.Image(decode=False))
+        self._data = data
+        self._rows: list[int] = []  # indices of the kept rows in the saved dataset
+        self._captions: list[str] = []
+        for index, row in enumerate(data):
+            try:
+                caption = self._read(index, row)[2]
+            except BadSampleError as err:
+                policy.reject(err)
+            else:
+                self._rows.append(index)
+                self._captions.append(caption)
+        policy.report(len(data), self.path)
+        self.skipped = policy.skipped
+        if not self._rows:
+            raise BadSampleError(f"{path}: no usable samples ({len(data)} rows, all skipped as bad)", path)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return len(self._rows)
 
     @property
     def captions(self) -> list[str]:
-        """The caption column alone: reading it decodes no image."""
-        return list(self._data[self.columns["caption_column"]])
+        """The kept rows' captions, read at construction: listing them decodes no image."""
+        return self._captions
+
+    def _image(self, where: str, row: dict[str, Any], key: str, background: tuple[int, int, int]) -> np.ndarray:
+        column = self.columns[key]
+        source = f"{where}.{column}"
+        if row[column] is None:
+            raise BadSampleError(f"{source}: no image", source)
+        image = decode(lambda: self._features[column].decode_example(row[column]), source)
+        return pil_to_rgb(image, self.resolution, source, background)
+
+    def _read(self, index: int, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str]:
+        """Row ``index`` of the saved dataset as (image, condition map, caption), or a BadSampleError naming it."""
+        where = f"{self.path}[{index}]"
+        caption = row[self.columns["caption_column"]]
+        if not _is_text(caption):
+            raise BadSampleError(f"{where}: empty or non-text caption {caption!r}", where)
+        image = self._image(where, row, "image_column", WHITE)
+        condition_map = self._image(where, row, "conditioning_image_column", BLACK)
+        return image, condition_map, caption
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        row = self._data[index]
-        where = f"{self.path}[{index}]"
-        image = pil_to_rgb(row[self.columns["image_column"]], self.resolution, f"{where}.image")
-        condition_map = pil_to_rgb(
-            row[self.columns["conditioning_image_column"]],
-            self.resolution,
-            f"{where}.conditioning_image",
-            BLACK,
-        )
-        caption = row[self.columns["caption_column"]]
-        if not isinstance(caption, str):
-            raise BadSampleError(f"{where}: caption {caption!r} is not a string", where)
-        return to_example(image, condition_map, caption)
+        row = self._rows[index]
+        return to_example(*self._read(row, self._data[row]))

@@ -12,15 +12,17 @@ Conversion rules (``pil_to_rgb``, shared by image folders and Hugging Face datas
   diffusers' ControlNet example does. Smaller images are upscaled, with one warning per file.
   ``resolution=None`` keeps the image's own size (a photo annotated as it is).
 
-Bad samples (``on_bad_sample``): under ``"error"`` the first bad file raises a ``BadSampleError``
-naming it; under ``"skip"`` bad files are left out when a dataset is indexed, counted, logged and kept
-in ``dataset.skipped``. Either way this happens at construction, never deep in a training step.
+Bad samples (``on_bad_sample``), the same for image folders and saved Hugging Face datasets: under
+``"error"`` the first bad file or row raises a ``BadSampleError`` naming it (``<path>[i]`` for a row);
+under ``"skip"`` bad ones are left out when a dataset is indexed, counted, logged and kept in
+``dataset.skipped``. Either way this happens at construction, never deep in a training step.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -106,15 +108,21 @@ def pil_to_rgb(
     return np.array(ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS))
 
 
-def load_rgb(path: str | Path, resolution: int | None, background: tuple[int, int, int] = WHITE) -> np.ndarray:
-    """Decode ``path`` fully (so truncated files fail here) and convert it with ``pil_to_rgb``."""
-    if not Path(path).is_file():
-        raise BadSampleError(f"{path}: no such file", path)
+def decode(open_image: Callable[[], Image.Image], source: str) -> Image.Image:
+    """``open_image()`` decoded fully, so truncated data fails here, or a BadSampleError naming ``source``."""
     try:
-        image = Image.open(io.BytesIO(Path(path).read_bytes()))
+        image = open_image()
         image.load()
     except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, zlib.error...
         raise BadSampleError(
-            f"{path}: cannot be decoded as an image ({type(err).__name__}: {err})", path
+            f"{source}: cannot be decoded as an image ({type(err).__name__}: {err})", source
         ) from err
+    return image
+
+
+def load_rgb(path: str | Path, resolution: int | None, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """Decode ``path`` (with ``decode``) and convert it with ``pil_to_rgb``."""
+    if not Path(path).is_file():
+        raise BadSampleError(f"{path}: no such file", path)
+    image = decode(lambda: Image.open(io.BytesIO(Path(path).read_bytes())), str(path))
     return pil_to_rgb(image, resolution, str(path), background)

@@ -17,6 +17,7 @@ average it with a single all-reduce.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -204,9 +205,9 @@ class MetaLearner:
         for p, g in zip(self.outer_params, self.meta_grad):
             p.grad = g.to(p.dtype)
 
-    def joint_step(self, task_losses: Sequence[Callable[[], torch.Tensor]], total_tasks: int,
-                   all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[float]:
-        """Joint baseline: the gradient of the mean loss over all tasks' batches, left in ``p.grad``."""
+    def joint_gradients(self, task_losses: Sequence[Callable[[], torch.Tensor]]) -> list[float]:
+        """Joint baseline: this process's sum of its tasks' gradients in the meta-gradient buffer; ``finish``
+        then averages over all tasks of all processes. No collective here, so a failure can be agreed on first."""
         self._require_grad(self.outer_params, self.snapshot.params)
         self.meta_grad_flat.zero_()
         losses = []
@@ -214,5 +215,15 @@ class MetaLearner:
             loss, grads = self._gradients(task_loss)
             torch._foreach_add_(self.meta_grad, grads)
             losses.append(loss)
-        self.finish(total_tasks, all_reduce_sum)
         return losses
+
+
+def outer_step(optimizer: torch.optim.Optimizer, lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+               params: Sequence[torch.nn.Parameter], max_grad_norm: float) -> float:
+    """Clip the (meta-)gradient in ``p.grad`` to ``max_grad_norm`` (0: no clipping), step and schedule
+    ``optimizer``; returns the gradient norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)

@@ -8,6 +8,7 @@ A local diffusers folder (``checkpoints/tiny-sd``, a copy of SD 1.5) and a Hub i
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,17 @@ from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 from metacontrol.config_loader import ConfigError
 
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+
+
+class _NothingToKeepInFp32(logging.Filter):
+    """Drops diffusers' warning on every ``.to(dtype)`` of a model with no module to keep in fp32 ("should be
+    kept in float32: []"): three lines per run that name nothing. The warning for a real list still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NothingToKeepInFp32())
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name: the only shape looked up on the Hub
 
 
@@ -39,11 +51,14 @@ class BaseModel:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def freeze(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> BaseModel:
-        """Frozen, eval-mode, cast to the mixed-precision weight dtype: these never train here."""
+        """Frozen and in eval mode: these never train here. Only the UNet, which runs every step, is cast to
+        the mixed-precision weight dtype. The encoders stay fp32: their outputs are cached once per dataset,
+        so the cache does not depend on the run's precision, and SD VAEs are ``force_upcast`` (they overflow
+        in fp16)."""
         for module in (self.vae, self.unet, self.text_encoder):
             module.requires_grad_(False)
             module.eval()
-            module.to(device=device, dtype=dtype)
+            module.to(device=device, dtype=dtype if module is self.unet else torch.float32)
         return self
 
     @torch.no_grad()
@@ -63,15 +78,20 @@ def local_folder(location: str, what: str) -> Path | None:
     that exists here; one that starts with ``.``, ``/`` or ``~`` or has a backslash; anything not of
     the Hub's ``org/name`` shape; and ``org/name`` whose ``org`` is a folder here
     (``checkpoints/tiny-sdd`` next to ``checkpoints/tiny-sd``). ``what`` names it in the error.
+    ``checkpoints/...`` not in the working directory is the package's copy (``metacontrol/shipped.py``),
+    so the defaults load outside a checkout.
     """
-    path = Path(location).expanduser()
+    from metacontrol.shipped import shipped_path
+
+    path = shipped_path(Path(location).expanduser())
     if path.exists():
         return path
+    parent = shipped_path(path.parent)  # the package's checkpoints/ when the working directory has none
     looks_local = (location.startswith((".", "/", "~")) or "\\" in location or not HUB_ID.fullmatch(location)
-                   or path.parent.is_dir())
+                   or parent.is_dir())
     if not looks_local:
         return None
-    siblings = [p.name for p in path.parent.iterdir() if p.is_dir()] if path.parent.is_dir() else []
+    siblings = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
     close = difflib.get_close_matches(path.name, siblings, n=1)
     hint = f"; did you mean {path.parent / close[0]}?" if close else ""
     raise ConfigError(f"{what} {location} does not exist{hint}")

@@ -24,14 +24,15 @@ import torch
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from metacontrol.checkpointing import TrainingProgress, save_training_state, stop_on_signals
+from metacontrol.checkpointing import TrainingProgress, TrainingState, save_training_state, stop_on_signals
 from metacontrol.config import FinetuneConfig
 from metacontrol.config_loader import config_argument_parser, load_config
 from metacontrol.data.sources import load_task_data
 from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
 from metacontrol.lora import add_lora, controlnet_of, load_lora
-from metacontrol.objective import ControlNetObjective, non_finite
-from metacontrol.run import resume_or_start, save_result, set_up_run, stop_if_failed_anywhere
+from metacontrol.objective import ControlNetObjective, check_finite
+from metacontrol.processes import agreed
+from metacontrol.run import resume_or_start, save_result, set_up_run
 from metacontrol.validation import log_validation, validation_samples
 
 logger = logging.getLogger("finetune")
@@ -86,14 +87,18 @@ def main(argv: list[str] | None = None) -> Path:
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    # Without accelerate's fp32 output wrapper: the objective autocasts and casts the residuals itself, and
+    # the wrapper would hand fp32 residuals to the bf16/fp16 UNet in validation pipelines.
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     progress = TrainingProgress()
-    resume_or_start(cfg, accelerator, progress, (), config_name="finetune_config.yaml",
-                    project="metacontrol-finetune", unit="step")
+    state = TrainingState(unwrapped, params, optimizer, lr_scheduler, progress, accelerator.scaler)
+    resume_or_start(cfg, accelerator, state, config_name="finetune_config.yaml", project="metacontrol-finetune",
+                    unit="step")
 
     def save(folder: Path, steps: int) -> Path:
         lora_start = (f"from {cfg.lora_init}" if cfg.lora_init else
                       f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha or cfg.lora_rank}")
-        return save_result(accelerator, accelerator.unwrap_model(model), folder, cfg,
+        return save_result(accelerator, unwrapped, folder, cfg,
                            f"metacontrol ControlNet for {cfg.condition}, adapted from {cfg.shots} examples", {
             "condition": cfg.condition,
             "shots": f"{cfg.shots} ({cfg.source if cfg.source == 'synthetic' else cfg.train_data_dir})",
@@ -114,9 +119,10 @@ def main(argv: list[str] | None = None) -> Path:
     restore_signals = stop_on_signals(progress, output_dir, "step")  # Ctrl-C says how to resume
     while progress.step < cfg.max_train_steps:
         indices, generator = step_batch(cfg, progress.step, accelerator.process_index)
-        loss = objective.loss(shots.batch(indices), generator)
-        where = f"step {progress.step + 1}, condition {cfg.condition!r}, sample indices {indices}"
-        stop_if_failed_anywhere(accelerator, non_finite(loss, f"{where} (process {accelerator.process_index})"))
+        with agreed(accelerator, f"step {progress.step + 1}"):  # before backward's all-reduce
+            loss = check_finite(objective.loss(shots.batch(indices), generator),
+                                f"step {progress.step + 1}, condition {cfg.condition!r}, sample indices {indices} "
+                                f"(process {accelerator.process_index})")
         accelerator.backward(loss)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
         optimizer.step()
@@ -132,11 +138,11 @@ def main(argv: list[str] | None = None) -> Path:
         accelerator.log(logs, step=step)
 
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-            save_training_state(accelerator, output_dir, step, cfg.checkpoints_total_limit)
+            save_training_state(accelerator, output_dir, state, cfg.checkpoints_total_limit)
         if step in cfg.save_steps:
             save(output_dir / f"step-{step}", step)
         if cfg.validation_steps and step % cfg.validation_steps == 0:
-            log_validation(accelerator, base, controlnet_of(accelerator.unwrap_model(model)), samples, step,
+            log_validation(accelerator, base, controlnet_of(unwrapped), samples, step,
                            output_dir, seed=cfg.seed, inference_steps=cfg.validation_inference_steps)
     bar.close()
     restore_signals()

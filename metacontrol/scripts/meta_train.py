@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -20,16 +19,17 @@ import torch
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from metacontrol.checkpointing import TrainingProgress, save_training_state, stop_on_signals
+from metacontrol.checkpointing import TrainingProgress, TrainingState, save_training_state, stop_on_signals
 from metacontrol.config import MetaTrainConfig
 from metacontrol.config_loader import config_argument_parser, load_config
 from metacontrol.data.sources import load_task_data
 from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
 from metacontrol.lora import add_lora, controlnet_of
-from metacontrol.meta.algorithms import MetaLearner
+from metacontrol.meta.algorithms import MetaLearner, outer_step
 from metacontrol.meta.episodes import TaskSampler, episode_loss
 from metacontrol.objective import ControlNetObjective
-from metacontrol.run import resume_or_start, save_result, set_up_run, stop_if_failed_anywhere
+from metacontrol.processes import agreed, mean_over_processes
+from metacontrol.run import resume_or_start, save_result, set_up_run
 from metacontrol.validation import log_validation, validation_samples
 
 logger = logging.getLogger("meta_train")
@@ -92,16 +92,13 @@ def main(argv: list[str] | None = None) -> Path:
     progress = TrainingProgress()
     # Not `prepare`d on purpose: DDP would all-reduce the inner loop's gradients across *different*
     # tasks. The meta-gradient is averaged by hand, once per meta-step (MetaLearner.finish).
-    resume_or_start(cfg, accelerator, progress, (model, outer_optimizer, lr_scheduler),
-                    config_name="meta_train_config.yaml", project="metacontrol", unit="meta-step")
-
-    def outer_step() -> float:
-        """Clip the (meta-)gradient, step and schedule the outer optimiser; the gradient norm before clipping."""
-        grad_norm = torch.nn.utils.clip_grad_norm_(outer_params, m.max_grad_norm or math.inf)
-        outer_optimizer.step()
-        lr_scheduler.step()
-        outer_optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+    state = TrainingState(model, list(dict.fromkeys(inner_params + outer_params)), outer_optimizer, lr_scheduler,
+                          progress, grad_scaler)
+    resume_or_start(cfg, accelerator, state, config_name="meta_train_config.yaml", project="metacontrol",
+                    unit="meta-step")
+    # Logged losses are means over every task of every process: the same keys on each.
+    loss_keys = [key for kind in ("loss", "inner_loss", "query_loss")
+                 for key in (kind, *(f"{kind}/{task}" for task in cfg.data.tasks))]
 
     # -- the meta-training loop -----------------------------------------------------------------------
     bar = tqdm(total=m.max_meta_steps, initial=progress.step, desc=f"meta-train ({m.algorithm})",
@@ -111,40 +108,40 @@ def main(argv: list[str] | None = None) -> Path:
     restore_signals = stop_on_signals(progress, output_dir, "meta-step")  # Ctrl-C says how to resume
     while progress.step < m.max_meta_steps:
         episodes = sampler.episodes(progress.step)
-        logs = {}
-        failure: FloatingPointError | None = None  # a NonFiniteLossError, or a gradient overflowing at scale 1
-        try:
-            if joint:  # inner_steps plain steps, each on one batch of every task: same data budget
-                for k in range(m.inner_steps):
-                    losses = learner.joint_step([episode_loss(objective, data, e, k) for e in episodes],
-                                                m.tasks_per_meta_step, reduce_sum)
-                    grad_norm = outer_step()
-                    for e, loss in zip(episodes, losses):
-                        logs[f"loss/{e.task}"] = loss
-            else:
+        losses: dict[str, list[float]] = {key: [] for key in loss_keys}
+        where = f"meta-step {progress.step}"  # 0-based, as episodes name it
+        if joint:  # inner_steps plain steps, each on one batch of every task: same data budget
+            for k in range(m.inner_steps):
+                with agreed(accelerator, where):  # every process learns of a failure before the all-reduce
+                    for e, loss in zip(episodes, learner.joint_gradients(
+                            [episode_loss(objective, data, e, k) for e in episodes])):
+                        losses["loss"].append(loss)
+                        losses[f"loss/{e.task}"].append(loss)
+                learner.finish(m.tasks_per_meta_step, reduce_sum)
+                grad_norm = outer_step(outer_optimizer, lr_scheduler, outer_params, m.max_grad_norm)
+        else:
+            with agreed(accelerator, where):
                 learner.begin()
                 for e in episodes:
                     inner = learner.adapt([episode_loss(objective, data, e, k) for k in range(m.inner_steps)])
                     query = learner.accumulate(episode_loss(objective, data, e, -1) if m.algorithm == "fomaml" else None)
-                    logs[f"inner_loss/{e.task}"] = sum(inner) / len(inner)
+                    for key in ("inner_loss", f"inner_loss/{e.task}"):
+                        losses[key].append(sum(inner) / len(inner))
                     if query is not None:
-                        logs[f"query_loss/{e.task}"] = query
-        except FloatingPointError as err:
-            learner.snapshot.restore()
-            failure = err
-        stop_if_failed_anywhere(accelerator, failure)  # before the collective in `finish`: no deadlock
-        if not joint:
+                        losses["query_loss"].append(query)
+                        losses[f"query_loss/{e.task}"].append(query)
             learner.finish(m.tasks_per_meta_step, reduce_sum)
-            grad_norm = outer_step()
+            grad_norm = outer_step(outer_optimizer, lr_scheduler, outer_params, m.outer_max_grad_norm)
         progress.step += 1
         bar.update(1)
-        logs.update({"meta_grad_norm": grad_norm, "lr/outer": lr_scheduler.get_last_lr()[0],
-                     "steps_per_second": (progress.step - first_step) / (time.time() - start)})
-        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if "loss" in k})
+        logs = {**mean_over_processes(accelerator, losses), "meta_grad_norm": grad_norm,
+                "lr/outer": lr_scheduler.get_last_lr()[0],
+                "steps_per_second": (progress.step - first_step) / (time.time() - start)}
+        bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k in ("loss", "inner_loss", "query_loss")})
         accelerator.log(logs, step=progress.step)
 
         if progress.step % cfg.checkpointing_steps == 0 or progress.step == m.max_meta_steps:
-            save_training_state(accelerator, output_dir, progress.step, cfg.checkpoints_total_limit)
+            save_training_state(accelerator, output_dir, state, cfg.checkpoints_total_limit)
         if cfg.validation_steps and progress.step % cfg.validation_steps == 0:
             log_validation(accelerator, base, controlnet_of(model), samples, progress.step, output_dir,
                            seed=cfg.seed, inference_steps=cfg.validation_inference_steps)
@@ -184,5 +181,6 @@ def card_rows(cfg: MetaTrainConfig, meta_steps: int, last_logs: dict[str, float]
                       + f", batch {m.support_batch_size}",
         "outer loop": f"{m.outer_optimizer} lr {m.outer_learning_rate} ({m.lr_scheduler})",
         "frozen (inner / outer)": f"{cfg.freeze.inner} / {cfg.freeze.outer}",
-        **{f"last meta-step: {k}": f"{v:.4g}" for k, v in sorted(last_logs.items()) if "loss" in k},
+        **{f"last meta-step: {k} (mean over all processes)": f"{v:.4g}" for k, v in sorted(last_logs.items())
+           if "loss" in k},
     }

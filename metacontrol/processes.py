@@ -1,0 +1,62 @@
+"""What every process of a run must agree on: that a step failed somewhere, and the values it logs.
+
+Under several processes a failure on one (a NaN, a bad sample, a full disk, a bug) must reach the others
+before the step's next collective, or they wait in it forever; and a logged loss must be every process's
+mean, not the main process's own tasks'. Both cost one small all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from accelerate import Accelerator
+
+
+class FailedElsewhere(RuntimeError):
+    """Another process failed in this step: this one stops too, pointing at that process's own message."""
+
+
+def stop_if_failed_anywhere(accelerator: Accelerator, failure: BaseException | None, where: str) -> None:
+    """Raise this process's failure, or ``FailedElsewhere`` naming the processes that failed, once any has.
+
+    Every process calls it at the same point of a step (one all-reduce of a flag per process), so all
+    learn of a failure anywhere before the next collective.
+    """
+    failed = torch.zeros(accelerator.num_processes, device=accelerator.device)
+    failed[accelerator.process_index] = failure is not None
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(failed, reduction="sum")
+    if failure is not None:
+        raise failure
+    if ranks := [str(rank) for rank, flag in enumerate(failed.tolist()) if flag]:
+        raise FailedElsewhere(f"stopped at {where}: process {', '.join(ranks)} failed there (see its message)")
+
+
+@contextmanager
+def agreed(accelerator: Accelerator, where: str) -> Iterator[None]:
+    """Run this process's part of a step; whatever it raises (a non-finite loss, a bad sample, a failed
+    validation or checkpoint write, a bug) is raised once every process knows the step failed somewhere.
+
+    Everything up to the step's next collective belongs inside: a process that raised on its own would
+    leave the others waiting in that collective.
+    """
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        failure = err
+    stop_if_failed_anywhere(accelerator, failure, where)
+
+
+def mean_over_processes(accelerator: Accelerator, values: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each key's values over every process (one all-reduce); keys nobody saw are left out.
+
+    Every process passes the same keys, each with its own values (often none).
+    """
+    totals = torch.tensor([[sum(v), len(v)] for v in values.values()], dtype=torch.float64,
+                          device=accelerator.device)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    return {key: total / count for key, (total, count) in zip(values, totals.tolist()) if count}
