@@ -6,35 +6,55 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
+import diffusers
 import numpy as np
 import torch
 from diffusers import (
     ControlNetModel,
-    DPMSolverMultistepScheduler,
+    SchedulerMixin,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
 )
+from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from metacontrol.models.base import BaseModel
 
 GUIDANCE_SCALE = 4.0
+DEFAULT_SCHEDULER = "DPMSolverMultistepScheduler"
 
 
-def base_pipeline(base: BaseModel) -> StableDiffusionPipeline:
-    """A plain ``StableDiffusionPipeline`` over the in-memory base model (no reload, DPM-Solver): no control."""
+def _samples_sd(name: str) -> bool:
+    """Whether diffusers exports ``name`` as a scheduler class here (a missing optional dependency leaves a
+    placeholder) that feeds the UNet its training timesteps (EDM schedulers feed it log-sigmas instead)."""
+    cls = getattr(diffusers, name, None)
+    return isinstance(cls, type) and issubclass(cls, SchedulerMixin) and not name.startswith("EDM")
+
+
+# The samplers of StableDiffusionPipeline (diffusers' KarrasDiffusionSchedulers) that fit an SD-1.x/2.x base here.
+SCHEDULERS: tuple[str, ...] = tuple(filter(_samples_sd, KarrasDiffusionSchedulers.__members__))
+
+
+def base_pipeline(base: BaseModel, scheduler: str = DEFAULT_SCHEDULER) -> StableDiffusionPipeline:
+    """A plain ``StableDiffusionPipeline`` over the in-memory base model (no reload): no control.
+
+    ``scheduler`` (one of ``SCHEDULERS``) is built from the base model's training schedule, so every sampler
+    denoises the noise levels the UNet learned.
+    """
     pipe = StableDiffusionPipeline(
         vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config), safety_checker=None,
+        scheduler=getattr(diffusers, scheduler).from_config(base.noise_scheduler.config), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def controlnet_pipeline(base: BaseModel, controlnet: ControlNetModel) -> StableDiffusionControlNetPipeline:
-    """A ``StableDiffusionControlNetPipeline`` over the in-memory base model (no reload, DPM-Solver)."""
+def controlnet_pipeline(base: BaseModel, controlnet: ControlNetModel,
+                        scheduler: str = DEFAULT_SCHEDULER) -> StableDiffusionControlNetPipeline:
+    """A ``StableDiffusionControlNetPipeline`` over the in-memory base model (no reload; ``scheduler`` as in
+    ``base_pipeline``)."""
     pipe = StableDiffusionControlNetPipeline(
-        **base_pipeline(base).components, controlnet=controlnet, requires_safety_checker=False,
+        **base_pipeline(base, scheduler).components, controlnet=controlnet, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -7,6 +7,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
 from metacontrol.eval.statistics import Interval
 from tests.browser import render_in_chromium
@@ -45,9 +48,14 @@ def test_shards_split_the_runs_and_the_report_reuses_them(bench):
     assert "fine-tuned" not in report.stderr  # everything came from the shards' cache
     scores = sorted((root / "work/quick").rglob("scores-2.json"))
     assert len(scores) == 4
-    for seed in (0, 1):  # each seed trained on its own shots: the runs differ
-        a = json.loads((root / f"work/quick/shots-4/seg/perturbed/seed-{seed}/scores-2.json").read_text())
-        assert len(a["control_score"]) == 4
+    for label in ("standard", "perturbed"):  # each seed trained on its own shots and noise: the runs differ
+        runs = [root / f"work/quick/shots-4/seg/{label}/seed-{seed}" for seed in (0, 1)]
+        assert [len(json.loads((r / "scores-2.json").read_text())["control_score"]) for r in runs] == [4, 4]
+        configs = [yaml.safe_load((r / "finetune_config.yaml").read_text()) for r in runs]
+        assert [(c["seed"], c["shot_offset"]) for c in configs] == [(0, 0), (1, 4)]
+        weights = [load_file(r / "step-2/diffusion_pytorch_model.safetensors") for r in runs]
+        assert weights[0].keys() == weights[1].keys()
+        assert not all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), f"{label}: seeds trained alike"
     assert (root / "out/adaptation-quick.md").read_text().startswith("### quick, 4 shots")
     assert (root / "out/adaptation-quick.png").stat().st_size > 10_000
 

@@ -1,34 +1,47 @@
-"""train/evaluate.py on a tiny random model: the files it promises, and floor/ceiling logic that can fail."""
+"""train/evaluate.py on a tiny random model: the files it promises, and floor/ceiling logic that can fail;
+the harness in-process: per-sample scores, the configured scheduler, settings checked at load."""
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 from accelerate.state import AcceleratorState
 
+from metacontrol.config_loader import ConfigError, load_config
+from metacontrol.eval.harness import EvalSettings, Evaluator, synthetic_eval_sets
+from metacontrol.scripts.evaluate import EvaluateConfig
+from metacontrol.world import WorldConfig
 from tests.browser import render_in_chromium
-from tests.conftest import PYTHON, run_script
+from tests.conftest import PYTHON, REPO, run_script
 
 
-@pytest.fixture(scope="module")
-def evaluation(tiny_sd_dir, tmp_path_factory):
-    """Two checkpoints: the standard initialisation (identical to no ControlNet) and a perturbed one."""
+def two_controlnets(unet):
+    """The standard initialisation (zero convolutions: identical to no ControlNet) and a perturbed one."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     from metacontrol.controlnet import create_controlnet
 
-    root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet")
-    create_controlnet(unet, 4).save_pretrained(root / "standard")
-    perturbed = create_controlnet(unet, 4)
+    standard, perturbed = create_controlnet(unet, 4), create_controlnet(unet, 4)
     with torch.no_grad():
         for name, p in perturbed.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
                 p.normal_(0, 0.5)
+    return standard.eval(), perturbed.eval()
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_sd_dir, tmp_path_factory):
+    """The script on two checkpoints (see ``two_controlnets``)."""
+    from diffusers import UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("eval")
+    standard, perturbed = two_controlnets(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"))
+    standard.save_pretrained(root / "standard")
     perturbed.save_pretrained(root / "perturbed")
     out = root / "out"
     out.mkdir()
@@ -66,14 +79,63 @@ def test_report_opens_in_chromium(evaluation):
 
 
 def test_standard_initialisation_scores_exactly_the_floor(evaluation):
-    """Zero convolutions add nothing: the standard init's images, hence metrics, equal the floor's."""
+    """Zero convolutions add nothing: in metrics.json the standard init's means are the floor's."""
     report = json.loads((evaluation / "metrics.json").read_text())
     for condition in ("canny", "seg"):
         metrics, floor = report["results"]["standard"][condition], report["floor"][condition]
+        assert metrics.keys() - floor.keys() == {"control_score"}
         for key, value in floor.items():
-            assert metrics[key] == pytest.approx(value, abs=1e-6), key
-        ranges = [report["ceiling"][condition][m] - floor[m] for m in report["control_metrics"][condition]]
-        if any(r > 1e-9 for r in ranges):
-            assert metrics["control_score"] == pytest.approx(0.0, abs=1e-12)  # mean of per-sample normalised values
+            assert metrics[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
     perturbed = report["results"]["perturbed"]["canny"]
     assert perturbed["edge_f1"] != pytest.approx(report["floor"]["canny"]["edge_f1"], abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def harness(tiny_sd_dir):
+    """The frozen tiny base, 2 held-out scenes per condition at 32 px, and the two ControlNets."""
+    from metacontrol.models.base import load_base_model
+
+    base = load_base_model(str(tiny_sd_dir)).freeze()
+    settings = EvalSettings(num_samples=2, num_inference_steps=2)
+    eval_sets = synthetic_eval_sets(["canny", "seg"], WorldConfig(resolution=32), settings)
+    return base, eval_sets, settings, two_controlnets(base.unet)
+
+
+def test_standard_initialisation_is_the_floor_sample_by_sample(harness):
+    """Per sample, on every metric: the standard init generates the floor's images, so scores what the floor
+    itself scores (control score included: the floor against its own mean); a perturbed one does not."""
+    base, eval_sets, settings, (standard, perturbed) = harness
+    evaluator = Evaluator(base, eval_sets, settings)
+    for condition in ("canny", "seg"):
+        scores, images = evaluator.evaluate_samples(standard, condition)
+        np.testing.assert_array_equal(images, evaluator.generate(None, condition))
+        floor = evaluator.floor_scores(condition)
+        assert scores.keys() == floor.keys() | {"control_score"}
+        for key, values in floor.items():
+            np.testing.assert_array_equal(scores[key], values, err_msg=key)
+        np.testing.assert_array_equal(scores["control_score"], evaluator.control_scores(condition, floor))
+        assert not np.array_equal(evaluator.evaluate_samples(perturbed, condition)[1], images)
+
+
+def test_the_scheduler_setting_chooses_the_sampler(harness):
+    """Same seeds, another scheduler: other images, with and without a ControlNet; the same one repeats exactly.
+    (DDIM, because at 2 steps its timesteps differ from DPM-Solver's; UniPC's 2 first-order steps equal them.)"""
+    base, eval_sets, settings, (_, perturbed) = harness
+    default = Evaluator(base, eval_sets, settings)
+    ddim = Evaluator(base, eval_sets, replace(settings, scheduler="DDIMScheduler"))
+    assert settings.scheduler == "DPMSolverMultistepScheduler"
+    for controlnet in (None, perturbed):
+        reference = default.generate(controlnet, "canny")
+        np.testing.assert_array_equal(default.generate(controlnet, "canny"), reference)
+        assert not np.array_equal(ddim.generate(controlnet, "canny"), reference)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("settings.scheduler=DPMSolverMultistep", ["settings.scheduler: 'DPMSolverMultistep'", "DDIMScheduler",
+                                               "DPMSolverMultistepScheduler, "]),
+    ("settings.split=tset", ["settings.split: 'tset'", "one of train, val, test"]),
+])  # fmt: skip
+def test_a_bad_setting_fails_at_load_in_one_line(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(EvaluateConfig, REPO / "configs/evaluate_tiny.yaml", [override])
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)

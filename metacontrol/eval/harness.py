@@ -27,6 +27,8 @@ import torch
 from diffusers import ControlNetModel
 
 from metacontrol.conditions import AnnotatorUnavailable, get_condition
+from metacontrol.config_loader import check
+from metacontrol.data.datasets import SPLIT_SEED_OFFSETS
 from metacontrol.data.pools import synthetic_pools
 from metacontrol.eval.metrics import (
     boundary_f1,
@@ -40,7 +42,15 @@ from metacontrol.eval.metrics import (
     ssim,
 )
 from metacontrol.models.base import BaseModel
-from metacontrol.pipelines import GUIDANCE_SCALE, base_pipeline, controlnet_pipeline, generate, vae_roundtrip
+from metacontrol.pipelines import (
+    DEFAULT_SCHEDULER,
+    GUIDANCE_SCALE,
+    SCHEDULERS,
+    base_pipeline,
+    controlnet_pipeline,
+    generate,
+    vae_roundtrip,
+)
 from metacontrol.world import Scene, WorldConfig
 
 Scores = dict[str, np.ndarray]  # metric -> one value per sample of an eval set
@@ -73,9 +83,16 @@ class EvalSettings:
     num_inference_steps: int = 10
     guidance_scale: float = GUIDANCE_SCALE
     batch_size: int = 16  # scenes per pipeline call; image i's noise is seeded seed + i whatever the batching
-    scheduler: str = "DPMSolverMultistepScheduler"
+    scheduler: str = DEFAULT_SCHEDULER  # a diffusers scheduler class, built from the base model's noise schedule
     split: str = "test"
     annotators: str | None = None
+
+    def __post_init__(self) -> None:
+        # Checked at config load (the loader names them settings.*), not an hour into a benchmark.
+        check(self.num_samples >= 1, "num_samples", self.num_samples, ">= 1")
+        check(self.scheduler in SCHEDULERS, "scheduler", self.scheduler,
+              "a diffusers scheduler class for Stable Diffusion: " + ", ".join(SCHEDULERS))
+        check(self.split in SPLIT_SEED_OFFSETS, "split", self.split, "one of " + ", ".join(SPLIT_SEED_OFFSETS))
 
 
 def synthetic_eval_sets(conditions: list[str], world: WorldConfig, settings: EvalSettings) -> dict[str, EvalSet]:
@@ -168,11 +185,11 @@ class Evaluator:
     def generate(self, controlnet: ControlNetModel | None, condition: str) -> np.ndarray:
         s, eval_set = self.settings, self.eval_sets[condition]
         if controlnet is None:
-            pipe = base_pipeline(self.base)
+            pipe = base_pipeline(self.base, s.scheduler)
             h, w = eval_set.maps[0].shape[:2]
             return generate(pipe, eval_set.captions, None, s.seed, s.num_inference_steps, s.guidance_scale,
                             size=(h, w), batch_size=s.batch_size)
-        pipe = controlnet_pipeline(self.base, controlnet.to(memory_format=torch.channels_last))
+        pipe = controlnet_pipeline(self.base, controlnet.to(memory_format=torch.channels_last), s.scheduler)
         return generate(pipe, eval_set.captions, eval_set.maps, s.seed, s.num_inference_steps, s.guidance_scale,
                         batch_size=s.batch_size)
 

@@ -53,7 +53,6 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check(len(self.controlnets) >= 1, "controlnets", self.controlnets, "at least one ControlNet folder")
-        check(self.settings.num_samples >= 1, "settings.num_samples", self.settings.num_samples, ">= 1")
         for name in self.conditions:
             get_condition(name)  # unknown names fail here, naming the known ones
 

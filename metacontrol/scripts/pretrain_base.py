@@ -8,28 +8,42 @@ Stages, each resumable from ``work_dir`` (rerun the same command after an interr
   2. train the VAE (MSE + tiny KL) on them;
   3. cache the VAE posterior (mean, std) of every image; scaling factor = 1 / std of sampled latents;
   4. train UNet and text encoder jointly on *sampled* latents (epsilon, SD-1.x DDPM schedule), EMA;
-  5. export a diffusers ``StableDiffusionPipeline`` folder to ``output_dir``.
+  5. export a diffusers ``StableDiffusionPipeline`` folder to ``output_dir`` (default ``outputs/tiny-sd``;
+     ``output_dir=checkpoints/tiny-sd`` replaces the shipped base model).
+
+``work_dir/config.yaml`` records the configuration its files were made with; a run whose configuration
+differs from it (in anything but ``UNCACHED``) stops instead of resuming from files made for another one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from metacontrol.atomic import atomic_directory, atomic_torch_save, atomic_write, atomic_write_bytes
-from metacontrol.config_loader import check, config_argument_parser, load_config, save_config
+from metacontrol.config_loader import (
+    ConfigError,
+    check,
+    config_argument_parser,
+    load_config,
+    save_config,
+    to_dict,
+)
 from metacontrol.models.tiny import (
     TinySDConfig,
     build_noise_scheduler,
@@ -61,7 +75,7 @@ class StageConfig:
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = "checkpoints/tiny-sd"
+    output_dir: str = "outputs/tiny-sd"  # not checkpoints/tiny-sd: replacing the shipped model takes asking for it
     work_dir: str = "outputs/pretrain"
     seed: int = 0
     num_images: int = 16000
@@ -82,6 +96,42 @@ class PretrainConfig:
               f"equal to world.resolution ({self.world.resolution})")
         check(0 <= self.empty_prompt_probability < 1, "empty_prompt_probability", self.empty_prompt_probability,
               "a probability in [0, 1)")
+
+
+# -- the work_dir's record -------------------------------------------------------------------------
+UNCACHED = ("output_dir", "work_dir", "num_threads")  # the keys that shape nothing in work_dir
+
+
+def first_difference(old: Any, new: Any, prefix: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted key, old value, new value) of the first field where two configs differ; None if they agree."""
+    for f in dataclasses.fields(new):
+        key, a, b = prefix + f.name, getattr(old, f.name), getattr(new, f.name)
+        if dataclasses.is_dataclass(b):
+            if found := first_difference(a, b, key + "."):
+                return found
+        elif a != b:
+            return key, a, b
+    return None
+
+
+def claim_work_dir(cfg: PretrainConfig, work: Path) -> None:
+    """Record the configuration that makes ``work``'s files, or check it is the recorded one: cached images,
+    latents and stage states made for another configuration must never be resumed as if they were this one's."""
+    record = work / "config.yaml"
+    if not record.exists():
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(record, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        return
+    try:
+        recorded = load_config(PretrainConfig, record)
+    except ConfigError as err:
+        raise ConfigError(f"work_dir: {work} was made by another version of this script ({err}); "
+                          "use another work_dir or delete it") from None
+    found = first_difference(dataclasses.replace(recorded, **{k: getattr(cfg, k) for k in UNCACHED}), cfg)
+    if found is not None:
+        key, old, new = found
+        raise ConfigError(f"work_dir: {work} holds files made with {key}={old!r}, this run has {key}={new!r}; "
+                          "use another work_dir or delete it")
 
 
 # -- stage 1: data ---------------------------------------------------------------------------------
@@ -255,8 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
     work = Path(cfg.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, work / "config.yaml")
+    claim_work_dir(cfg, work)
     start = time.time()
     images, captions = render_dataset(cfg, work)
     vae = train_vae(cfg, work, images)
