@@ -4,8 +4,9 @@ The script's body is ``metacontrol.scripts.meta_train`` (also ``metacontrol meta
 keeps ``accelerate launch meta_train.py`` working from a checkout.
 """
 
-from metacontrol.errors import run_main
-from metacontrol.scripts.meta_train import main
+import sys
+
+from metacontrol.cli import run_script
 
 if __name__ == "__main__":
-    run_main(main, "meta_train")
+    run_script("meta_train", sys.argv[1:])

@@ -120,7 +120,7 @@ def finetune(cfg: AdaptationBenchConfig, label: str, condition: str, shots: int,
         f"max_train_steps={cfg.steps[-1]}", f"train_batch_size={cfg.train_batch_size}",
         f"learning_rate={cfg.learning_rate}", f"seed={seed}", f"save_steps={json.dumps(save_steps)}",
         "validation_steps=0", "report_to=none", "mode=full", f"checkpointing_steps={cfg.steps[-1]}",
-        f"resolution={cfg.world.resolution}", f"world.resolution={cfg.world.resolution}",
+        f"resolution={cfg.world.resolution}",
         f"num_threads={cfg.num_threads}", *cfg.finetune_overrides.get(label, []),
     ]  # fmt: skip
     subprocess.run(args, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})

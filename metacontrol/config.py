@@ -11,14 +11,13 @@ where one exists (``pretrained_model_name_or_path``, ``output_dir``, ``mixed_pre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from metacontrol.conditions import condition_names
-from metacontrol.config_loader import check
-from metacontrol.freezing import PRESETS
-from metacontrol.lora import LORA_FULLY_TRAINED, LORA_TARGET_MODULES
-from metacontrol.world import WorldConfig
+from metacontrol.config_loader import check, config_argument_parser, load_config
+from metacontrol.layer_sets import LORA_FULLY_TRAINED, LORA_TARGET_MODULES, PRESETS
+from metacontrol.world import SceneOptions, WorldConfig
 
 FreezeSpec = str | list[str]
 SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine"]
@@ -80,7 +79,7 @@ class SourceConfig:
     """Where examples come from: the synthetic world, an image folder, or a saved HF dataset (``data/sources.py``)."""
 
     source: Literal["synthetic", "imagefolder", "hf"] = "synthetic"
-    world: WorldConfig = field(default_factory=WorldConfig)
+    world: SceneOptions = field(default_factory=SceneOptions)  # rendered at the run's resolution
     # imagefolder / hf: ``{train_data_dir}/{task}`` if that folder exists, else ``train_data_dir`` itself.
     train_data_dir: str | None = None
     annotators: str | None = None  # local folder (copy of lllyasviel/Annotators) or Hub id
@@ -93,11 +92,9 @@ class SourceConfig:
         check(self.source == "synthetic" or self.train_data_dir is not None, "train_data_dir",
               self.train_data_dir, f"a path when source is {self.source!r}")
 
-    def check_world_resolution(self, resolution: int, key: str) -> None:
-        """Synthetic scenes are rendered at the run's resolution; ``key`` is where the world's lives."""
-        if self.source == "synthetic":
-            check(self.world.resolution == resolution, key, self.world.resolution,
-                  f"equal to resolution ({resolution})")
+    def world_at(self, resolution: int) -> WorldConfig:
+        """The synthetic world rendering at the run's ``resolution``."""
+        return WorldConfig(**asdict(self.world), resolution=resolution)
 
 
 @dataclass
@@ -190,7 +187,6 @@ class MetaTrainConfig(RunConfig):
         check(self.meta.lora_rank == 0 or self.freeze.inner == self.freeze.outer == "none", "freeze",
               f"{self.freeze.inner} / {self.freeze.outer}",
               "'none' for both phases when meta.lora_rank > 0 (the adapters and zero convolutions are what trains)")
-        self.data.check_world_resolution(self.resolution, "data.world.resolution")
 
 
 @dataclass
@@ -234,7 +230,6 @@ class FinetuneConfig(SourceConfig, RunConfig):
             self.output_dir = f"outputs/finetune-{self.condition}-{self.mode}"
         RunConfig.__post_init__(self)
         SourceConfig.__post_init__(self)
-        self.check_world_resolution(self.resolution, "world.resolution")
         check(self.shots >= 1, "shots", self.shots, "a positive integer")
         check(self.shot_offset >= 0, "shot_offset", self.shot_offset, "an integer >= 0")
         check(1 <= self.train_batch_size <= self.shots, "train_batch_size", self.train_batch_size,
@@ -255,3 +250,18 @@ class FinetuneConfig(SourceConfig, RunConfig):
         check(all(1 <= s <= self.max_train_steps for s in self.save_steps) and len(set(self.save_steps))
               == len(self.save_steps), "save_steps", self.save_steps,
               f"distinct step numbers from 1 to max_train_steps ({self.max_train_steps})")
+
+
+# The training scripts whose configuration is checked before they import anything heavy (``cli.run_script``),
+# and the file each reads when no ``--config`` is given.
+SCRIPT_CONFIGS: dict[str, tuple[type[RunConfig], str]] = {
+    "meta_train": (MetaTrainConfig, "configs/meta_tiny.yaml"),
+    "finetune": (FinetuneConfig, "configs/finetune_tiny.yaml"),
+}
+
+
+def check_script_config(script: str, argv: list[str]) -> None:
+    """Load and validate ``script``'s configuration from its command line, raising its ``ConfigError``."""
+    config_class, default = SCRIPT_CONFIGS[script]
+    args = config_argument_parser(None, default, "").parse_intermixed_args(argv)
+    load_config(config_class, args.config, args.overrides)

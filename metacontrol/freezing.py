@@ -14,8 +14,8 @@ from collections import OrderedDict
 import torch
 
 from metacontrol.config_loader import ConfigError
+from metacontrol.layer_sets import PRESETS
 
-PRESETS = ("none", "paper", "zero_convs_only")
 ZERO_CONV_PATTERNS = ("controlnet_down_blocks.*", "controlnet_mid_block.*")
 
 

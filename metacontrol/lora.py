@@ -18,14 +18,8 @@ from metacontrol.atomic import atomic_directory
 from metacontrol.config_loader import ConfigError
 from metacontrol.controlnet import save_controlnet
 from metacontrol.freezing import matches
+from metacontrol.layer_sets import LORA_FULLY_TRAINED, LORA_TARGET_MODULES
 
-# Layers that get a LoRA: attention projections and the convolutions of the resnets and of the
-# condition encoder. Patterns over Linear/Conv2d names (``freezing.matches``: ``to_q`` is every ``*.to_q``).
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "conv1", "conv2", "conv_in",
-                       "controlnet_cond_embedding.blocks.*"]  # fmt: skip
-# Layers trained fully beside the adapters: every zero-initialised convolution (see ``add_lora``).
-LORA_FULLY_TRAINED = ["controlnet_down_blocks.*", "controlnet_mid_block",
-                      "controlnet_cond_embedding.conv_out"]  # fmt: skip
 ADAPTER_FOLDER = "lora"  # a saved LoRA model keeps its adapter here, beside the merged ControlNet
 
 

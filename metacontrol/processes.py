@@ -13,9 +13,7 @@ from contextlib import contextmanager
 import torch
 from accelerate import Accelerator
 
-
-class FailedElsewhere(RuntimeError):
-    """Another process failed in this step: this one stops too, pointing at that process's own message."""
+from metacontrol.errors import FailedElsewhere
 
 
 def stop_if_failed_anywhere(accelerator: Accelerator, failure: BaseException | None, where: str) -> None:

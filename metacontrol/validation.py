@@ -29,10 +29,11 @@ class ValidationSamples:
     truths: list[np.ndarray]
 
 
-def validation_samples(source: SourceConfig, data: dict[str, TaskData], count: int) -> dict[str, ValidationSamples]:
+def validation_samples(source: SourceConfig, data: dict[str, TaskData], count: int,
+                       resolution: int) -> dict[str, ValidationSamples]:
     """Per task: held-out (val split) synthetic scenes, or the first ``count`` samples of real training data."""
     if source.source == "synthetic":
-        data = dict(synthetic_pools(source.world, list(data), count, "val", show_progress=False))
+        data = dict(synthetic_pools(source.world_at(resolution), list(data), count, "val", show_progress=False))
     out = {}
     for task, task_data in data.items():
         batch = task_data.item_tensors(range(min(count, len(task_data))))

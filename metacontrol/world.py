@@ -45,10 +45,10 @@ FOCAL = 1.1  # focal length in units of image height
 
 
 @dataclass
-class WorldConfig:
-    """Knobs of the synthetic world. Defaults give the embedded 64x64 world."""
+class SceneOptions:
+    """What the world's scenes hold and how they are drawn, at any resolution: the ``world`` section of the
+    training configs, whose scenes are rendered at the run's own ``resolution`` (one key, not two)."""
 
-    resolution: int = 64
     min_objects: int = 1
     max_objects: int = 3
     figure_probability: float = 0.8
@@ -56,12 +56,22 @@ class WorldConfig:
     shading: bool = True
 
     def __post_init__(self) -> None:
-        check(self.resolution >= 16, "resolution", self.resolution, "an integer >= 16")
         check(0 <= self.min_objects <= self.max_objects, "min_objects", self.min_objects,
               f"0 <= min_objects <= max_objects ({self.max_objects})")
         check(0.0 <= self.figure_probability <= 1.0, "figure_probability", self.figure_probability,
               "a probability in [0, 1]")
         check(self.supersample in (1, 2, 4, 8), "supersample", self.supersample, "1, 2, 4 or 8")
+
+
+@dataclass
+class WorldConfig(SceneOptions):
+    """Knobs of the synthetic world and its resolution. Defaults give the embedded 64x64 world."""
+
+    resolution: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.resolution >= 16, "resolution", self.resolution, "an integer >= 16")
 
 
 @dataclass

@@ -36,7 +36,7 @@ def meta_train_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> lis
     """Overrides for a seconds-long meta-training run on the tiny random model."""
     return [
         f"pretrained_model_name_or_path={tiny_sd_dir}", f"output_dir={output_dir}", "resolution=32",
-        "data.world.resolution=32", "data.pool_size=8", "meta.max_meta_steps=4", "meta.tasks_per_meta_step=2",
+        "data.pool_size=8", "meta.max_meta_steps=4", "meta.tasks_per_meta_step=2",
         "meta.inner_steps=2", "meta.support_batch_size=2", "meta.query_batch_size=2", "validation_steps=0",
         "checkpointing_steps=2", "report_to=none", "num_threads=1", f"cache_dir={output_dir.parent / 'cache'}",
         *overrides,

@@ -15,6 +15,7 @@ import pytest
 
 from metacontrol.config import FinetuneConfig, MetaTrainConfig
 from metacontrol.config_loader import ConfigError, from_dict, load_config, parse_overrides
+from metacontrol.world import WorldConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -163,7 +164,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_meta_tiny_yaml_loads_into_meta_train_config() -> None:
     config = load_config(MetaTrainConfig, REPO / "configs" / "meta_tiny.yaml")
-    assert config.resolution == 64 and config.data.world.resolution == 64
+    assert config.resolution == 64 and config.data.world_at(config.resolution).resolution == 64
     assert config.data.tasks == ["canny", "hed", "depth", "pose"]
     assert config.meta.algorithm == "reptile"
     assert config.meta.inner_learning_rate == pytest.approx(5e-4)
@@ -174,10 +175,10 @@ def test_meta_tiny_yaml_loads_into_meta_train_config() -> None:
     tweaked = load_config(
         MetaTrainConfig,
         REPO / "configs" / "meta_tiny.yaml",
-        ["meta.algorithm=fomaml", "meta.outer_learning_rate=1e-4", "resolution=32", "data.world.resolution=32"],
+        ["meta.algorithm=fomaml", "meta.outer_learning_rate=1e-4", "resolution=32"],
     )
     assert tweaked.meta.algorithm == "fomaml" and tweaked.meta.outer_learning_rate == 1e-4
-    assert tweaked.data.world.resolution == 32
+    assert tweaked.data.world_at(tweaked.resolution).resolution == 32  # one key: the world renders at it
 
 
 def test_meta_tiny_rejects_an_unknown_algorithm() -> None:
@@ -187,16 +188,18 @@ def test_meta_tiny_rejects_an_unknown_algorithm() -> None:
     assert "'maml'" in message and "'reptile'" in message and "meta_tiny.yaml" in message
 
 
-def test_cross_field_validation_names_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"data\.world\.resolution") as info:
-        load_config(MetaTrainConfig, None, ["resolution=32"])
-    assert "32" in str(info.value)
+def test_the_world_renders_at_the_runs_resolution_set_once() -> None:
+    """`resolution` alone sets the synthetic scenes' size; the world section has no second copy to disagree."""
+    config = load_config(MetaTrainConfig, None, ["resolution=32", "data.world.max_objects=2"])
+    assert config.data.world_at(config.resolution) == WorldConfig(resolution=32, max_objects=2)
+    with pytest.raises(ConfigError, match=r"unknown key data\.world\.resolution; allowed keys in data\.world: "):
+        load_config(MetaTrainConfig, None, ["data.world.resolution=32"])
 
 
 def test_nested_section_validation_names_the_full_dotted_key() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(MetaTrainConfig, None, ["resolution=8", "data.world.resolution=8"])
-    assert "data.world.resolution" in str(info.value)
+        load_config(MetaTrainConfig, None, ["data.world.supersample=3"])
+    assert "data.world.supersample" in str(info.value)
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "configs" / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
@@ -274,7 +277,7 @@ def test_bench_flags_mix_with_overrides() -> None:
 
 
 def test_an_override_before_config_reaches_the_config() -> None:
-    import meta_train
+    from metacontrol.scripts import meta_train
 
     with pytest.raises(ConfigError, match=r"configs/meta_tiny\.yaml: meta\.algorithm: 'maml'"):
         meta_train.main(["meta.algorithm=maml", "--config", "configs/meta_tiny.yaml", "resolution=64"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState
 
-import meta_train
+from metacontrol.scripts import meta_train
 from tests.conftest import REPO
 
 

@@ -127,3 +127,18 @@ def test_ctrl_c_under_accelerate_launch_is_one_line_and_exit_code_130(tiny_sd_di
     result = _interrupt(args, out, group=True)
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert len(re.findall(INTERRUPTED.format(name="finetune", unit="step"), result.stderr)) == 1, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("script", "name", "config"), [("meta_train.py", "meta_train", "meta_tiny"),
+                                                     ("train/finetune.py", "finetune", "finetune_tiny")])
+def test_a_configuration_error_is_reported_before_torch_is_imported(script, name, config):
+    """The configuration is checked first: a typo costs a fraction of a second, not the imports of torch and
+    diffusers on every process (``-X importtime`` lists every module the run imported)."""
+    result = run_script([PYTHON, "-X", "importtime", script, "resolution=7"], check=False)
+    timing = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    said = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 1
+    assert said == [f"{name}: configuration error: configs/{config}.yaml: resolution: 7 is not valid; expected an "
+                    "integer >= 8"]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in timing}
+    assert "metacontrol.config" in imported and not {"torch", "diffusers", "accelerate", "peft"} & imported

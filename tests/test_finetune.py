@@ -24,7 +24,7 @@ def finetune_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> list[
     return [
         PYTHON, "train/finetune.py", f"pretrained_model_name_or_path={tiny_sd_dir}",
         f"output_dir={output_dir}", "controlnet_model_name_or_path=null", "resolution=32",
-        "world.resolution=32", "shots=8", "train_batch_size=4", "max_train_steps=4", "validation_steps=0",
+        "shots=8", "train_batch_size=4", "max_train_steps=4", "validation_steps=0",
         "report_to=none", "num_threads=1", *overrides,
     ]  # fmt: skip
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from accelerate.state import AcceleratorState
 
-import meta_train
 from metacontrol.config_loader import ConfigError
 from metacontrol.meta.episodes import TaskSampler
+from metacontrol.scripts import meta_train
 from tests.conftest import REPO, meta_train_args
 
 
@@ -26,7 +26,7 @@ def _run(tiny_sd_dir, tmp_path, *overrides):
 
 def test_resolution_not_divisible_by_vae_factor(tiny_sd_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"resolution: 30 is not divisible .* factor 4"):
-        _run(tiny_sd_dir, tmp_path, "resolution=30", "data.world.resolution=30")
+        _run(tiny_sd_dir, tmp_path, "resolution=30")
 
 
 def test_missing_base_model_folder(tiny_sd_dir, tmp_path):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when metacontrol is not installed
 
-from metacontrol.errors import run_main
-from metacontrol.scripts.evaluate import main
+from metacontrol.cli import run_script
 
 if __name__ == "__main__":
-    run_main(main, "evaluate")
+    run_script("evaluate", sys.argv[1:])

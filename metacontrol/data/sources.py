@@ -32,7 +32,7 @@ def load_task_data(source: SourceConfig, tasks: list[str], resolution: int, base
     if source.source == "synthetic":
         if count is None:
             raise ValueError("the synthetic world is endless: give a count")
-        data: dict[str, TaskData] = dict(synthetic_pools(source.world, tasks, count, "train", show_progress,
+        data: dict[str, TaskData] = dict(synthetic_pools(source.world_at(resolution), tasks, count, "train", show_progress,
                                                          start=start))
     else:
         data = {task: _dataset_task_data(source, task, resolution, cache_dir, count, start) for task in tasks}

@@ -25,7 +25,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from metacontrol.checkpointing import TrainingProgress, TrainingState, save_training_state, stop_on_signals
-from metacontrol.config import FinetuneConfig
+from metacontrol.config import SCRIPT_CONFIGS, FinetuneConfig
 from metacontrol.config_loader import config_argument_parser, load_config
 from metacontrol.data.sources import load_task_data
 from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
@@ -39,7 +39,7 @@ logger = logging.getLogger("finetune")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = config_argument_parser(__doc__, "configs/finetune_tiny.yaml", "mode=lora shots=8")
+    parser = config_argument_parser(__doc__, SCRIPT_CONFIGS["finetune"][1], "mode=lora shots=8")
     return parser.parse_intermixed_args(argv)
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> Path:
     data = load_task_data(cfg, [cfg.condition], cfg.resolution, base, cache=cfg.cache, cache_dir=cfg.cache_dir,
                           show_progress=accelerator.is_local_main_process, count=cfg.shots, start=cfg.shot_offset)
     validating = cfg.validation_steps > 0 and accelerator.is_main_process  # only the main process draws grids
-    samples = validation_samples(cfg, data, cfg.num_validation_images) if validating else {}
+    samples = validation_samples(cfg, data, cfg.num_validation_images, cfg.resolution) if validating else {}
     shots = data[cfg.condition]
 
     # -- what trains: unfrozen parameters (full) or adapters + zero convolutions (lora) -------------

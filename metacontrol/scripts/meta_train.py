@@ -20,7 +20,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from metacontrol.checkpointing import TrainingProgress, TrainingState, save_training_state, stop_on_signals
-from metacontrol.config import MetaTrainConfig
+from metacontrol.config import SCRIPT_CONFIGS, MetaTrainConfig
 from metacontrol.config_loader import config_argument_parser, load_config
 from metacontrol.data.sources import load_task_data
 from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
@@ -36,7 +36,7 @@ logger = logging.getLogger("meta_train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = config_argument_parser(__doc__, "configs/meta_tiny.yaml", "meta.algorithm=fomaml")
+    parser = config_argument_parser(__doc__, SCRIPT_CONFIGS["meta_train"][1], "meta.algorithm=fomaml")
     return parser.parse_intermixed_args(argv)
 
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> Path:
                           show_progress=accelerator.is_local_main_process,
                           count=cfg.data.pool_size if cfg.data.source == "synthetic" else None)
     validating = cfg.validation_steps > 0 and accelerator.is_main_process  # only the main process draws grids
-    samples = validation_samples(cfg.data, data, cfg.num_validation_images) if validating else {}
+    samples = validation_samples(cfg.data, data, cfg.num_validation_images, cfg.resolution) if validating else {}
     sampler = TaskSampler(tasks=cfg.data.tasks, pool_sizes={t: len(d) for t, d in data.items()},
                           tasks_per_step=m.tasks_per_meta_step, inner_steps=m.inner_steps,
                           support_batch_size=m.support_batch_size, query_batch_size=m.query_batch_size,
