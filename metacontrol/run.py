@@ -58,6 +58,9 @@ def set_up_run(cfg: RunConfig) -> RunSetup:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     set_seed(cfg.seed)
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        raise ConfigError(f"mixed_precision: 'fp16' needs a GPU (accelerate runs fp16 autocast and loss scaling "
+                          f"only there, not on {accelerator.device.type!r}); use bf16 or no here")
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # what `accelerate launch` reported, maybe 'no'
     overridden = cfg.mixed_precision is not None and launched not in (None, cfg.mixed_precision)

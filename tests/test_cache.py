@@ -270,3 +270,17 @@ def test_image_folders_cache_next_to_the_data_and_are_keyed_by_file_content(tmp_
     # Condition maps do not change the encodings, so they do not change the key either.
     flipped_maps = TensorPool(pool.images, pool.conditions.flip(-1), pool.captions)
     assert flipped_maps.fingerprint() == pool.fingerprint()
+
+
+def test_the_cache_does_not_depend_on_the_runs_precision(base, tiny_sd_dir, tmp_path):
+    """Under bf16 only the UNet is cast: the encoders stay fp32 (SD VAEs are ``force_upcast``), so a bf16 run
+    reads the entry an fp32 run wrote, and it holds what the fp32 encoders compute."""
+    stores, _ = _attach(_pools(), base, tmp_path)
+    bf16 = load_base_model(str(tiny_sd_dir)).freeze(torch.bfloat16)
+    assert bf16.unet.dtype == torch.bfloat16 and bf16.vae.dtype == bf16.text_encoder.dtype == torch.float32
+    pools = _pools()
+    again, calls = _attach(pools, bf16, tmp_path)
+    assert again["canny"].directory == stores["canny"].directory and again["canny"].encoded == calls == 0
+    fresh = encode_samples(_pools()["canny"], base, show_progress=False)
+    for key in CACHED_KEYS:
+        assert torch.equal(pools["canny"].cached[key], fresh[key])

@@ -80,6 +80,14 @@ def test_two_processes_equal_one_process(reference_run, tiny_sd_dir, tmp_path):
         "validation_inference_steps=2"), nproc=2), env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
     _assert_same_weights(out, reference_run)
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png", "step-000006.png"]
+    # The logged losses are means over every task of every process, not rank 0's own task's.
+    losses = _loss_rows(reference_run)
+    assert _loss_rows(out) == losses and len(losses) >= 3  # inner_loss and two of its tasks at least
+
+
+def _loss_rows(folder: Path) -> list[str]:
+    """The model card's rows of the last meta-step's logged losses."""
+    return [line for line in (folder / "README.md").read_text().splitlines() if "| last meta-step: " in line]
 
 
 def test_two_nodes_equal_one_process(reference_run, tiny_sd_dir, tmp_path):
