@@ -143,7 +143,7 @@ class TrainingState:
     """
 
     model: torch.nn.Module  # unwrapped (no DDP): names as the user's model has them
-    params: list[torch.nn.Parameter]  # the parameters that train, in the optimiser's order
+    params: list[torch.nn.Parameter]  # the parameters that train (in any phase)
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     progress: TrainingProgress

@@ -22,6 +22,7 @@ from metacontrol.config_loader import ConfigError, save_config, to_dict
 from metacontrol.controlnet import create_controlnet, model_card
 from metacontrol.lora import save_adapted
 from metacontrol.models.base import BaseModel, load_base_model
+from metacontrol.processes import agreed
 
 logger = logging.getLogger(__name__)
 
@@ -131,16 +132,17 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
 def save_result(accelerator: Accelerator, model: torch.nn.Module, folder: Path, cfg: RunConfig, title: str,
                 rows: dict[str, object], note: str = "") -> Path:
     """The main process saves ``model`` as a diffusers ControlNet (LoRA: merged, adapter in ``lora/``) with
-    a model card: the rows every run states (base, start, precision, seed), then ``rows``; all wait."""
-    if accelerator.is_main_process:
-        card = model_card(title, {
-            "base model": cfg.pretrained_model_name_or_path,
-            "initialisation": cfg.controlnet_model_name_or_path or "from_unet (standard ControlNet initialisation)",
-            **rows,
-            "resolution": cfg.resolution,
-            "mixed precision": accelerator.mixed_precision,
-            "seed": cfg.seed,
-        }, note)  # fmt: skip
-        save_adapted(model, folder, card)
-    accelerator.wait_for_everyone()
+    a model card: the rows every run states (base, start, precision, seed), then ``rows``. The others wait,
+    and stop too if the write fails (``agreed``)."""
+    with agreed(accelerator, f"saving {folder}"):
+        if accelerator.is_main_process:
+            card = model_card(title, {
+                "base model": cfg.pretrained_model_name_or_path,
+                "initialisation": cfg.controlnet_model_name_or_path or "from_unet (standard ControlNet initialisation)",
+                **rows,
+                "resolution": cfg.resolution,
+                "mixed precision": accelerator.mixed_precision,
+                "seed": cfg.seed,
+            }, note)  # fmt: skip
+            save_adapted(model, folder, card)
     return folder

@@ -1,7 +1,9 @@
-"""The README's configuration table cannot drift: every key it lists exists, every default it states is true."""
+"""The README's configuration table cannot drift: every key it lists exists, every key of MetaTrainConfig is
+listed, and every default it states is true."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -60,3 +62,19 @@ def test_every_listed_key_exists_and_every_stated_default_is_the_real_one():
             if not states(stated, node):
                 wrong.append(f"{key}: README says {stated}, configs/meta_tiny.yaml gives {node!r}")
     assert not wrong, "; ".join(wrong)
+
+
+def config_keys(config: Any, prefix: str = "") -> list[str]:
+    """Every leaf key of a config dataclass, dotted (``meta.inner_steps``, ``data.world.shading``)."""
+    keys = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        name = f"{prefix}{field.name}"
+        keys += config_keys(value, name + ".") if dataclasses.is_dataclass(value) else [name]
+    return keys
+
+
+def test_every_key_of_the_config_is_in_the_table():
+    listed = {key for keys, _ in table_rows() for key in keys}
+    missing = [key for key in config_keys(MetaTrainConfig()) if key not in listed]
+    assert not missing, f"README's Configuration table lacks {', '.join(missing)}"
