@@ -76,14 +76,16 @@ class Runner:
         print(f"\n## {name}\n$ {shlex.join(command)}", flush=True)
         started = time.perf_counter()
         with out.open("w") as stdout, err.open("w") as stderr:
-            # A session of its own, so that a timeout can stop the script and everything it started.
+            # A session of its own, so that a timeout (or Ctrl-C here) stops the script and everything it started.
             process = subprocess.Popen(timed, cwd=REPO, env=child_env(), stdout=stdout, stderr=stderr,
                                        start_new_session=True)
             try:
-                returncode = process.wait(timeout=self.timeout_s)
-            except subprocess.TimeoutExpired:
+                returncode: int | None = process.wait(timeout=self.timeout_s)
+            except BaseException as stop:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+                if not isinstance(stop, subprocess.TimeoutExpired):
+                    raise
                 returncode = None
         wall = time.perf_counter() - started
         peak = self._peak_mb(timing)
@@ -138,6 +140,10 @@ def child_env() -> dict[str, str]:
 
 def fmt_mb(value: float | None) -> str:
     return f"{value:,.0f}" if value is not None else "n/a"
+
+
+def fmt_size(size: int) -> str:
+    return f"{size / MB:,.1f} MB" if size >= MB // 10 else f"{size / 1024:,.1f} KB" if size >= 1024 else f"{size} B"
 
 
 # -- the base model (run in a subprocess of its own, so this process stays small) ---------------------------------
@@ -254,9 +260,17 @@ def differences(a: Path, b: Path) -> tuple[list[str], int]:
 
 
 def check_resumed(uninterrupted: Path, resumed: Path) -> Callable[[], str]:
-    """The final ControlNet and checkpoint-2 (parameters and optimiser state) equal bit for bit."""
+    """The final ControlNet and checkpoint-2 (parameters and optimiser state) equal bit for bit, the resumed run
+    did resume (it wrote no checkpoint-1), and meta-step 2 moved the weights (else equality proves nothing)."""
 
     def check() -> str:
+        written = sorted(p.name for p in resumed.glob("checkpoint-*"))
+        assert written == ["checkpoint-2"], f"the resumed run wrote {written}: it did not start at meta-step 1"
+        from metacontrol.checkpointing import PARAMETERS_FILE
+
+        moved, _ = differences(uninterrupted / "checkpoint-1" / PARAMETERS_FILE,
+                               uninterrupted / "checkpoint-2" / PARAMETERS_FILE)
+        assert moved, "checkpoint-1 and checkpoint-2 hold the same parameters: meta-step 2 changed nothing"
         files = [p.relative_to(uninterrupted) for folder in (uninterrupted, uninterrupted / "checkpoint-2")
                  for p in sorted(folder.glob("*.safetensors"))]
         assert files, f"no safetensors in {uninterrupted}"
@@ -267,20 +281,21 @@ def check_resumed(uninterrupted: Path, resumed: Path) -> Callable[[], str]:
             more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
             assert not problems, f"{rel} differs from the uninterrupted run's: {'; '.join(problems[:5])}{more}"
             tensors += count
-        return f"bit-identical to the uninterrupted run: {', '.join(map(str, files))} ({tensors} tensors)"
+        return (f"bit-identical to the uninterrupted run: {', '.join(map(str, files))} ({tensors} tensors); "
+                f"meta-step 2 changed {len(moved)} of them")
 
     return check
 
 
 def checkpoint_listing(output_dirs: list[Path]) -> tuple[list[str], Callable[[], str]]:
     """A table of every checkpoint-N folder's files, and the check that they are safetensors and JSON only."""
-    lines = ["| checkpoint | file | size (MB) |", "|---|---|---:|"]
+    lines = ["| checkpoint | file | size |", "|---|---|---:|"]
     bad: list[str] = []
     folders = [c for d in output_dirs if d.is_dir() for c in sorted(d.glob("checkpoint-*")) if c.is_dir()]
     for folder in folders:
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
             rel = file.relative_to(folder)
-            lines.append(f"| {folder.parent.name}/{folder.name} | {rel} | {file.stat().st_size / MB:,.1f} |")
+            lines.append(f"| {folder.parent.name}/{folder.name} | {rel} | {fmt_size(file.stat().st_size)} |")
             if file.suffix not in ALLOWED_IN_CHECKPOINTS:
                 bad.append(f"{folder.parent.name}/{folder.name}/{rel}")
 
