@@ -34,6 +34,8 @@ def test_with_chromium_on_the_path_nothing_is_installed(tmp_path: Path) -> None:
 
 def test_make_test_checks_for_chromium_before_anything_else() -> None:
     """Before minutes of installing the virtualenv, and before pytest."""
-    result = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    # --no-print-directory: under `make test` itself this make is nested, and would print where it runs
+    result = subprocess.run(["make", "--no-print-directory", "-n", "test"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60, check=True)  # fmt: skip
     commands = result.stdout.splitlines()
     assert commands[0] == "sh .ci/ensure-chromium" and commands[-1].endswith("python -m pytest -q"), commands
