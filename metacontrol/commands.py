@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from metacontrol.conditions import AnnotatorUnavailable, condition_names, get_condition
+from metacontrol.conditions import condition_names, get_condition
 from metacontrol.config_loader import ConfigError
 from metacontrol.data.images import BLACK, BadSampleError, load_rgb
 from metacontrol.world import Scene, SceneWorld, WorldConfig
@@ -25,7 +25,7 @@ from metacontrol.world import Scene, SceneWorld, WorldConfig
 DEFAULT_BASE = "checkpoints/tiny-sd"
 DEFAULT_RESOLUTION = WorldConfig().resolution  # the embedded tiny model's size
 # What a user can fix from the message alone; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, BadSampleError, AnnotatorUnavailable)
+USER_ERRORS = (ConfigError, BadSampleError)  # AnnotatorUnavailable is a ConfigError
 
 
 def condition_map(condition: str, seed: int, resolution: int = DEFAULT_RESOLUTION) -> tuple[Image.Image, Scene]:

@@ -52,7 +52,9 @@ class RunConfig:
     gradient_checkpointing: bool = False
     enable_xformers_memory_efficient_attention: bool = False
     cache: Literal["latents", "none"] = "latents"
-    cache_dir: str | None = None  # encodings cache; None: .cache/metacontrol (synthetic) or next to the data
+    # encodings (and an image folder's annotated maps, in annotations/); None: .cache/metacontrol (synthetic)
+    # or next to the data
+    cache_dir: str | None = None
     checkpointing_steps: int = 50
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
