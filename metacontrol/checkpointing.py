@@ -46,16 +46,10 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 @dataclass
 class TrainingProgress:
-    """The loop position (meta-steps or fine-tuning steps), saved with the accelerate state: episodes and
-    batches are functions of it, so resuming needs nothing else."""
+    """The loop position (meta-steps or fine-tuning steps), saved in every checkpoint: episodes and batches
+    are functions of it, so no random-number state needs saving."""
 
     step: int = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.step = int(state["step"])
 
 
 def stop_on_signals(progress: TrainingProgress, output_dir: Path, unit: str) -> Callable[[], None]:

@@ -191,7 +191,7 @@ class MetaLearner:
             value, grads = self._gradients(query_loss)
             torch._foreach_add_(self.meta_grad, grads)
         else:
-            raise ValueError("joint training does not accumulate meta-gradients; use joint_step")
+            raise ValueError("joint training does not accumulate meta-gradients; use joint_gradients")
         self.snapshot.restore()
         self.tasks_seen += 1
         return value
