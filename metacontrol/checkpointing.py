@@ -152,8 +152,8 @@ class TrainingState:
         return self.grad_scaler.state_dict() if self.grad_scaler is not None and self.grad_scaler.is_enabled() else None
 
     def write(self, folder: Path, process_states: list[dict[str, Any] | None]) -> None:
-        save_file({n: p.detach().cpu().contiguous() for n, p in self.named_params().items()},
-                  str(folder / PARAMETERS_FILE))
+        named = self.named_params()
+        save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, str(folder / PARAMETERS_FILE))
         optimizer = self.optimizer.state_dict()
         tensors, scalars = {}, {}
         for index, entry in optimizer["state"].items():
@@ -163,7 +163,7 @@ class TrainingState:
                 else:
                     scalars[f"{index}.{key}"] = value
         save_file(tensors, str(folder / OPTIMIZER_FILE))
-        state = {"format": CHECKPOINT_FORMAT, "step": self.progress.step, "parameters": list(self.named_params()),
+        state = {"format": CHECKPOINT_FORMAT, "step": self.progress.step, "parameters": list(named),
                  "optimizer": {"param_groups": optimizer["param_groups"], "scalars": scalars},
                  "lr_scheduler": self.lr_scheduler.state_dict(), "process_states": process_states}
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1))

@@ -208,5 +208,10 @@ def check(condition: bool, key: str, value: Any, expected: str) -> None:
         raise ConfigError(f"{key}: {value!r} is not valid; expected {expected}")
 
 
+def config_text(config: Any) -> str:
+    """A config as the YAML that ``load_config`` reads back."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
 def save_config(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    Path(path).write_text(config_text(config))

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -40,9 +39,9 @@ from metacontrol.config_loader import (
     ConfigError,
     check,
     config_argument_parser,
+    config_text,
     load_config,
     save_config,
-    to_dict,
 )
 from metacontrol.models.tiny import (
     TinySDConfig,
@@ -120,7 +119,7 @@ def claim_work_dir(cfg: PretrainConfig, work: Path) -> None:
     record = work / "config.yaml"
     if not record.exists():
         work.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(record, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        atomic_write_bytes(record, config_text(cfg).encode())
         return
     try:
         recorded = load_config(PretrainConfig, record)
