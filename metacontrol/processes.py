@@ -16,12 +16,20 @@ from accelerate import Accelerator
 from metacontrol.errors import FailedElsewhere
 
 
-def stop_if_failed_anywhere(accelerator: Accelerator, failure: BaseException | None, where: str) -> None:
-    """Raise this process's failure, or ``FailedElsewhere`` naming the processes that failed, once any has.
+@contextmanager
+def agreed(accelerator: Accelerator, where: str) -> Iterator[None]:
+    """Run this process's part of a step; whatever it raises (a non-finite loss, a bad sample, a failed
+    validation or checkpoint write, a bug) is raised once every process knows the step failed somewhere,
+    and the others raise ``FailedElsewhere`` naming the processes that failed.
 
-    Every process calls it at the same point of a step (one all-reduce of a flag per process), so all
-    learn of a failure anywhere before the next collective.
+    One all-reduce of a flag per process, at the same point on all of them. Everything up to the step's
+    next collective belongs inside: a process that raised on its own would leave the others waiting in it.
     """
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as err:
+        failure = err
     failed = torch.zeros(accelerator.num_processes, device=accelerator.device)
     failed[accelerator.process_index] = failure is not None
     if accelerator.num_processes > 1:
@@ -30,22 +38,6 @@ def stop_if_failed_anywhere(accelerator: Accelerator, failure: BaseException | N
         raise failure
     if ranks := [str(rank) for rank, flag in enumerate(failed.tolist()) if flag]:
         raise FailedElsewhere(f"stopped at {where}: process {', '.join(ranks)} failed there (see its message)")
-
-
-@contextmanager
-def agreed(accelerator: Accelerator, where: str) -> Iterator[None]:
-    """Run this process's part of a step; whatever it raises (a non-finite loss, a bad sample, a failed
-    validation or checkpoint write, a bug) is raised once every process knows the step failed somewhere.
-
-    Everything up to the step's next collective belongs inside: a process that raised on its own would
-    leave the others waiting in that collective.
-    """
-    failure: Exception | None = None
-    try:
-        yield
-    except Exception as err:
-        failure = err
-    stop_if_failed_anywhere(accelerator, failure, where)
 
 
 def mean_over_processes(accelerator: Accelerator, values: dict[str, list[float]]) -> dict[str, float]:
