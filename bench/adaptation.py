@@ -41,7 +41,7 @@ from metacontrol.atomic import atomic_files  # noqa: E402
 from metacontrol.config_loader import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.errors import run_main  # noqa: E402
-from metacontrol.eval.harness import EvalSettings, Evaluator, control_metrics, synthetic_eval_sets  # noqa: E402
+from metacontrol.eval.harness import EvalSettings, Evaluator, synthetic_eval_sets  # noqa: E402
 from metacontrol.eval.report import (  # noqa: E402
     Table,
     bounds_table,
@@ -308,7 +308,7 @@ def analyse(cfg: AdaptationBenchConfig, evaluator: Evaluator, work: Path) -> dic
                       for lab in labels}
             per_condition[condition] = {"curves": curves, "paired_differences": pairs, "layout_miou": layout}
         regimes[str(shots)] = per_condition
-    return {"config": asdict(cfg), "control_metrics": {c: list(control_metrics(c)) for c in cfg.conditions},
+    return {"config": asdict(cfg), "control_metrics": {c: list(evaluator.eval_sets[c].control_metrics) for c in cfg.conditions},
             "floor": {c: evaluator.floor(c) for c in cfg.conditions},
             "ceiling": {c: evaluator.ceiling(c) for c in cfg.conditions}, "regimes": regimes}
 

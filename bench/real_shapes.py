@@ -36,7 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
@@ -353,6 +354,22 @@ def run_all(work: Path, timeout_s: float) -> tuple[Runner, list[str]]:
     return runner, listing
 
 
+@contextmanager
+def work_folder(parent: Path | None, prefix: str, keep: bool) -> Iterator[Path]:
+    """A new temporary folder under ``parent`` (default: the system's), deleted afterwards unless ``keep``."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    print(f"work folder: {work}", flush=True)
+    try:
+        yield work
+    finally:
+        if keep:
+            print(f"\nkept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work-dir", type=Path, default=None,
@@ -366,17 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     started = time.perf_counter()
-    if args.work_dir is not None:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="metacontrol-real-shapes-", dir=args.work_dir))
-    print(f"work folder: {work}", flush=True)
-    try:
+    with work_folder(args.work_dir, "metacontrol-real-shapes-", args.keep) as work:
         runner, listing = run_all(work, args.timeout)
-    finally:
-        if args.keep:
-            print(f"\nkept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     minutes = (time.perf_counter() - started) / 60
     failed = [r.name for r in runner.results if r.ok is False]
     command = shlex.join(["python", "bench/real_shapes.py", *(argv if argv is not None else sys.argv[1:])])

@@ -121,7 +121,8 @@ def build_base(model: str) -> BaseModel:
             num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id))  # fmt: skip
-    return BaseModel(vae, unet, text_encoder, tokenizer, build_noise_scheduler(), f"random:{model}").freeze()
+    return BaseModel(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                     noise_scheduler=build_noise_scheduler(), location=f"random:{model}").freeze()
 
 
 def millions(module: torch.nn.Module) -> str:

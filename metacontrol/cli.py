@@ -55,6 +55,8 @@ def _function(name: str) -> Callable[[list[str]], object]:
 
 
 COMMANDS = {
+    "prepare": Command("resize, annotate and encode photos into shards for training (train/prepare.py)",
+                       _script("prepare")),
     "meta-train": Command("meta-train a ControlNet initialisation (meta_train.py)", _script("meta_train")),
     "finetune": Command("fine-tune a ControlNet on a new condition, full or LoRA (train/finetune.py)",
                         _script("finetune")),

@@ -78,11 +78,13 @@ class RunConfig:
 
 @dataclass
 class SourceConfig:
-    """Where examples come from: the synthetic world, an image folder, or a saved HF dataset (``data/sources.py``)."""
+    """Where examples come from: the synthetic world, an image folder, a saved HF dataset, or the output of
+    ``metacontrol prepare`` (``data/sources.py``)."""
 
-    source: Literal["synthetic", "imagefolder", "hf"] = "synthetic"
+    source: Literal["synthetic", "imagefolder", "hf", "prepared"] = "synthetic"
     world: SceneOptions = field(default_factory=SceneOptions)  # rendered at the run's resolution
-    # imagefolder / hf: ``{train_data_dir}/{task}`` if that folder exists, else ``train_data_dir`` itself.
+    # imagefolder / hf: ``{train_data_dir}/{task}`` if that folder exists, else ``train_data_dir`` itself;
+    # prepared: the output_dir of `metacontrol prepare` (its encodings serve `cache: latents` when the base matches)
     train_data_dir: str | None = None
     annotators: str | None = None  # local folder (copy of lllyasviel/Annotators) or Hub id
     on_bad_sample: Literal["error", "skip"] = "error"
@@ -211,6 +213,7 @@ class FinetuneConfig(SourceConfig, RunConfig):
     lr_scheduler: SchedulerName = "constant"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (GPU): the optimiser state of a full SD-1.5 ControlNet in 1/4
     mode: Literal["full", "lora"] = "full"
     freeze: FreezeSpec = "none"  # full mode: a preset (none | paper | zero_convs_only) or glob patterns
     lora_rank: int = 8
@@ -254,11 +257,56 @@ class FinetuneConfig(SourceConfig, RunConfig):
               f"distinct step numbers from 1 to max_train_steps ({self.max_train_steps})")
 
 
+@dataclass
+class PrepareConfig:
+    """``metacontrol prepare``: a source's examples resized, annotated per condition and optionally encoded, as
+    resumable shards on disk (``metacontrol/data/prepare.py``), for training with ``source: prepared``."""
+
+    # imagefolder: a folder with metadata.jsonl; hf: a dataset saved with save_to_disk; stream: a dataset id or
+    # folder that datasets.load_dataset(..., streaming=True) reads row by row (nothing is downloaded up front)
+    source: Literal["imagefolder", "hf", "stream"] = "imagefolder"
+    train_data_dir: str | None = None
+    split: str = "train"  # of a saved DatasetDict or a streamed dataset
+    conditions: list[str] = field(default_factory=lambda: ["canny"])
+    annotators: str | None = None  # local folder (copy of lllyasviel/Annotators) or Hub id
+    on_bad_sample: Literal["error", "skip"] = "error"
+    image_column: str = "image"
+    # null: annotate every condition; a column (hf, stream) or a metadata conditioning_file_name (imagefolder)
+    # holds one condition's ready maps, so then `conditions` must name exactly that one
+    conditioning_image_column: str | None = None
+    caption_column: str = "text"
+    resolution: int = 512
+    output_dir: str = "outputs/prepared"
+    shard_size: int = 256  # samples per shard: the unit of resuming and of splitting across processes
+    max_samples: int | None = None  # the first N rows only (null: all)
+    dataloader_num_workers: int = 2  # processes decoding images beside the annotators
+    encode: bool = False  # also the VAE latents and text embeddings of this base model (for `cache: latents`)
+    pretrained_model_name_or_path: str = "checkpoints/tiny-sd"
+    revision: str | None = None
+    encode_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        check(self.train_data_dir is not None, "train_data_dir", self.train_data_dir,
+              f"the path (or, for source stream, dataset id) of the {self.source} data")
+        check(len(self.conditions) >= 1 and len(set(self.conditions)) == len(self.conditions), "conditions",
+              self.conditions, "one or more distinct condition names")
+        for name in self.conditions:
+            check(name in condition_names(), "conditions", name, f"one of {', '.join(condition_names())}")
+        check(self.conditioning_image_column is None or len(self.conditions) == 1, "conditioning_image_column",
+              self.conditioning_image_column, "null when several conditions are prepared (its maps are one condition's)")
+        check(self.resolution >= 8, "resolution", self.resolution, "an integer >= 8")
+        check(self.shard_size >= 1, "shard_size", self.shard_size, "a positive integer")
+        check(self.max_samples is None or self.max_samples >= 1, "max_samples", self.max_samples, "null or >= 1")
+        check(self.dataloader_num_workers >= 0, "dataloader_num_workers", self.dataloader_num_workers, ">= 0")
+        check(self.encode_batch_size >= 1, "encode_batch_size", self.encode_batch_size, "a positive integer")
+
+
 # The training scripts whose configuration is checked before they import anything heavy (``cli.run_script``),
 # and the file each reads when no ``--config`` is given.
-SCRIPT_CONFIGS: dict[str, tuple[type[RunConfig], str]] = {
+SCRIPT_CONFIGS: dict[str, tuple[type, str | None]] = {
     "meta_train": (MetaTrainConfig, "configs/meta_tiny.yaml"),
     "finetune": (FinetuneConfig, "configs/finetune_tiny.yaml"),
+    "prepare": (PrepareConfig, None),
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 
 from metacontrol.config import SourceConfig
-from metacontrol.data.pools import TaskData, synthetic_pools
+from metacontrol.data.pools import TaskData, batch_images, synthetic_pools
 from metacontrol.models.base import BaseModel
 from metacontrol.pipelines import controlnet_pipeline, generate
 from metacontrol.processes import agreed
@@ -37,9 +37,8 @@ def validation_samples(source: SourceConfig, data: dict[str, TaskData], count: i
     out = {}
     for task, task_data in data.items():
         batch = task_data.item_tensors(range(min(count, len(task_data))))
-        maps = (batch["conditioning_pixel_values"] * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        truths = ((batch["pixel_values"] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-        out[task] = ValidationSamples(list(maps), list(batch["caption"]), list(truths))
+        maps, truths = batch_images(batch)
+        out[task] = ValidationSamples(maps, list(batch["caption"]), truths)
     return out
 
 

@@ -32,6 +32,8 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     return path
 
 
+
+
 def meta_train_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
     """Overrides for a seconds-long meta-training run on the tiny random model."""
     return [

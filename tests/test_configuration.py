@@ -5,7 +5,7 @@ A config typo should cost seconds, so every error path is checked for the words 
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import runpy
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -322,3 +322,26 @@ def test_a_path_in_the_working_directory_wins(tmp_path: Path, monkeypatch: pytes
         REPO / "checkpoints/joint-3x-controlnet-tiny")
     with pytest.raises(ConfigError, match=r"did you mean checkpoints/my-base\?$"):
         local_folder("checkpoints/my-bse", "base model folder")
+
+
+def test_the_sd15_recipes_load_with_the_settings_of_the_real_scale():
+    from metacontrol.scripts.evaluate import EvaluateConfig
+
+    finetune = load_config(FinetuneConfig, REPO / "configs/finetune_sd15.yaml")
+    assert (finetune.learning_rate, finetune.mixed_precision, finetune.gradient_checkpointing) == (1e-5, "bf16", True)
+    assert (finetune.resolution, finetune.source, finetune.use_8bit_adam) == (512, "prepared", False)
+    evaluate = load_config(EvaluateConfig, REPO / "configs/evaluate_sd15.yaml")
+    assert (evaluate.resolution, evaluate.mixed_precision, evaluate.data.source) == (512, "bf16", "imagefolder")
+    assert evaluate.conditions == ["canny", "hed", "depth", "pose"]
+    meta = load_config(MetaTrainConfig, REPO / "configs/meta_sd15.yaml")
+    assert (meta.data.source, meta.mixed_precision, meta.resolution) == ("prepared", "bf16", 512)
+
+
+def test_8bit_adam_without_bitsandbytes_is_one_line():
+    from metacontrol.scripts.finetune import adamw_class
+
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert adamw_class(True).__name__ == "AdamW8bit"
+        return
+    with pytest.raises(ConfigError, match=r"^use_8bit_adam: true needs bitsandbytes \(pip install bitsandbytes\)"):
+        adamw_class(True)

@@ -346,3 +346,41 @@ def test_normalised_control_by_hand():
     np.testing.assert_allclose(normalised_control(scores, floor, ceiling, ("a", "b", "c")), [0.0, 1.0, 1.5])
     np.testing.assert_allclose(normalised_control(scores, floor, ceiling, ("b",)), [0.0, np.nan, 1.0])
     assert np.isnan(normalised_control(scores, floor, ceiling, ("c",))).all()
+
+
+def test_normalised_control_reads_errors_the_same_way():
+    """An error (depth RMSE, normal angle): the ceiling is below the floor; halfway between scores 0.5."""
+    from metacontrol.eval.harness import normalised_control
+
+    scores = {"normal_angle": np.array([60.0, 35.0, 10.0, 70.0]), "depth_rmse": np.array([0.4, 0.3, 0.2, 0.5])}
+    floor, ceiling = {"normal_angle": 60.0, "depth_rmse": 0.4}, {"normal_angle": 10.0, "depth_rmse": 0.2}
+    np.testing.assert_allclose(normalised_control(scores, floor, ceiling, ("normal_angle",)), [0, 0.5, 1, -0.2])
+    np.testing.assert_allclose(normalised_control(scores, floor, ceiling, ("depth_rmse",)), [0, 0.5, 1, -0.5])
+    # an error whose "ceiling" is worse than its floor has nothing to normalise by
+    worse = {"normal_angle": 80.0, "depth_rmse": 0.2}
+    assert np.isnan(normalised_control(scores, floor, worse, ("normal_angle",))).all()
+
+
+def test_openpose_keypoints_to_pixels_and_pck_by_hand():
+    """controlnet-aux's PoseResult (keypoints in [0, 1]) -> pixel rows of the most confident person; PCK@0.1."""
+    from controlnet_aux.open_pose import PoseResult
+    from controlnet_aux.open_pose.body import BodyResult, Keypoint
+
+    from metacontrol.conditions.builtin import openpose_keypoints
+    from metacontrol.eval.harness import PCK_THRESHOLD
+
+    def person(points: dict[int, tuple[float, float]], score: float) -> PoseResult:
+        keypoints = [Keypoint(*points[i]) if i in points else None for i in range(18)]
+        return PoseResult(BodyResult(keypoints, score, len(points)), None, None, None)
+
+    truth = {0: (0.5, 0.25), 1: (0.5, 0.5), 2: (0.25, 0.5), 3: (0.75, 0.75)}
+    faint = person({0: (0.0, 0.0)}, score=0.5)
+    target = openpose_keypoints([faint, person(truth, score=3.0)], (64, 128))  # H 64, W 128
+    assert target[:4].tolist() == [[64, 16, 1], [64, 32, 1], [32, 32, 1], [96, 48, 1]] and not target[4:].any()
+    assert not openpose_keypoints([], (64, 64)).any()  # nobody found: every keypoint invisible
+    # shifted right by 10 px (within 0.1 x 128 = 12.8) except keypoint 3 (by 20 px); keypoint 2 not found
+    shifted = {0: (0.5 + 10 / 128, 0.25), 1: (0.5 + 10 / 128, 0.5), 3: (0.75 + 20 / 128, 0.75)}
+    found = openpose_keypoints([person(shifted, 1.0)], (64, 128))
+    assert pck(found, target, PCK_THRESHOLD * 128) == pytest.approx(2 / 4)
+    assert pck(target, target, PCK_THRESHOLD * 128) == 1.0
+    assert pck(openpose_keypoints([], (64, 128)), target, PCK_THRESHOLD * 128) == 0.0

@@ -39,6 +39,10 @@ class Condition(ABC):
     # What the condition constrains, as metrics of ``metacontrol.eval.metrics`` scored by the harness:
     # the control score averages their floor-to-ceiling normalised values.
     control_metrics: ClassVar[tuple[str, ...]] = ("edge_f1",)
+    # How the field scores control on photos (the ControlNet++ protocol): the annotator re-run on the generated
+    # image against the same annotator on the photo, by this metric (``eval.harness.fidelity``); None: no
+    # annotator to re-run, so photos cannot score this condition.
+    fidelity_metric: ClassVar[str | None] = None
     annotator: ClassVar[AnnotatorSpec | None] = None
 
     @abstractmethod
@@ -48,14 +52,15 @@ class Condition(ABC):
         """Keyword arguments for the controlnet-aux detector's ``__call__`` at ``resolution``."""
         return {"detect_resolution": resolution, "image_resolution": resolution, "output_type": "np"}
 
-    def annotate(self, image: np.ndarray, annotators: str | None = None) -> np.ndarray:
-        """Run the condition's controlnet-aux annotator on an (H, W, 3) uint8 RGB image."""
+    def annotate(self, image: np.ndarray, annotators: str | None = None, device: str | None = None) -> np.ndarray:
+        """Run the condition's controlnet-aux annotator on an (H, W, 3) uint8 RGB image; ``device`` (e.g.
+        ``cuda:0``) moves a neural detector there first. controlnet-aux's detectors take one image a call."""
         if self.annotator is None:
             raise AnnotatorUnavailable(
                 f"condition {self.name!r} has no controlnet-aux annotator; provide its maps as "
                 "conditioning images (a `conditioning_image` column) or use the synthetic world"
             )
-        detector = load_annotator(self.annotator, annotators)
+        detector = self.detector(annotators, device)
         h, w = image.shape[:2]
         detect = max(64, int(np.ceil(max(h, w) / 64) * 64))
         out = detector(image, **self.detector_kwargs(detect))
@@ -63,6 +68,15 @@ class Condition(ABC):
         if out.shape[:2] != (h, w):
             out = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
         return out
+
+    def detector(self, annotators: str | None, device: str | None = None) -> Any:
+        """The controlnet-aux detector (built once per weights location), on ``device`` when given."""
+        if self.annotator is None:
+            raise AnnotatorUnavailable(f"condition {self.name!r} has no controlnet-aux annotator")
+        detector = load_annotator(self.annotator, annotators)
+        if device is not None and hasattr(detector, "to"):
+            detector.to(device)
+        return detector
 
     def __repr__(self) -> str:
         return f"<Condition {self.name}>"

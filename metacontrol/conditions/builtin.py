@@ -66,6 +66,7 @@ class Canny(Condition):
     """Canny edges (100/200) as white on black; annotating is ``cv2.Canny`` itself, no weights needed."""
 
     name = "canny"
+    fidelity_metric = "canny_f1"
     is_edge = True
     low_threshold = 100
     high_threshold = 200
@@ -73,7 +74,7 @@ class Canny(Condition):
     def render(self, scene: Scene) -> np.ndarray:
         return self.annotate(scene.image)
 
-    def annotate(self, image: np.ndarray, annotators: str | None = None) -> np.ndarray:
+    def annotate(self, image: np.ndarray, annotators: str | None = None, device: str | None = None) -> np.ndarray:
         return to_rgb_uint8(cv2.Canny(image, self.low_threshold, self.high_threshold))
 
 
@@ -82,6 +83,7 @@ class SoftEdge(Condition):
     """HED-style soft edges: object boundaries blurred, bright on black."""
 
     name = "hed"
+    fidelity_metric = "hed_ssim"
     is_edge = True
     annotator = AnnotatorSpec("controlnet_aux.hed", "HEDdetector", ("ControlNetHED.pth",))
 
@@ -95,6 +97,7 @@ class Scribble(Condition):
     """Scribbles: thick binary boundary strokes, white on black (HED with ``scribble=True`` on photos)."""
 
     name = "scribble"
+    fidelity_metric = "scribble_ssim"
     is_edge = True
     annotator = AnnotatorSpec("controlnet_aux.hed", "HEDdetector", ("ControlNetHED.pth",))
 
@@ -111,6 +114,7 @@ class Lineart(Condition):
     """Thin anti-aliased line art, white on black (controlnet-aux's LineartStandard on photos)."""
 
     name = "lineart"
+    fidelity_metric = "lineart_ssim"
     is_edge = True
     annotator = AnnotatorSpec("controlnet_aux.lineart_standard", "LineartStandardDetector")
 
@@ -126,6 +130,7 @@ class Depth(Condition):
     """MiDaS-style relative inverse depth: grey, near = bright, normalised per image."""
 
     name = "depth"
+    fidelity_metric = "depth_rmse"
     control_metrics = LAYOUT_METRICS
     annotator = AnnotatorSpec("controlnet_aux.midas", "MidasDetector", ("dpt_hybrid-midas-501f0c75.pt",))
 
@@ -140,6 +145,7 @@ class Normal(Condition):
     """Surface normals in the usual RGB encoding: (n + 1) / 2 with x right, y up, z towards the viewer."""
 
     name = "normal"
+    fidelity_metric = "normal_angle"
     control_metrics = LAYOUT_METRICS
     annotator = AnnotatorSpec("controlnet_aux.normalbae", "NormalBaeDetector", ("scannet.pt",))
 
@@ -163,6 +169,7 @@ class Pose(Condition):
     """OpenPose body skeletons drawn as controlnet-aux draws them, on black."""
 
     name = "pose"
+    fidelity_metric = "pose_pck"
     control_metrics = ("figure_iou",)  # the figure, judged in its own box: the other objects do not count
     annotator = AnnotatorSpec(
         "controlnet_aux.open_pose", "OpenposeDetector", ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
@@ -179,3 +186,22 @@ class Pose(Condition):
     def detector_kwargs(self, resolution: int) -> dict[str, Any]:
         return {**super().detector_kwargs(resolution), "include_body": True, "include_hand": False,
                 "include_face": False}  # fmt: skip
+
+    def keypoints(self, image: np.ndarray, annotators: str | None, device: str | None = None) -> np.ndarray:
+        """The body keypoints OpenPose finds in an (H, W, 3) uint8 image: (18, 3) rows of (x, y, visible) in
+        pixels, of its most confident person (all invisible when it finds none), as ``eval.metrics.pck`` takes."""
+        people = self.detector(annotators, device).detect_poses(image)
+        return openpose_keypoints(people, image.shape[:2])
+
+
+def openpose_keypoints(people: list, size: tuple[int, int]) -> np.ndarray:
+    """controlnet-aux's ``PoseResult`` list (keypoints in [0, 1]) -> (18, 3) pixel rows of its best person."""
+    out = np.zeros((len(OPENPOSE_COLOURS), 3), np.float64)
+    if not people:
+        return out
+    best = max(people, key=lambda person: person.body.total_score)
+    h, w = size
+    for index, point in enumerate(best.body.keypoints[: len(out)]):
+        if point is not None:
+            out[index] = (point.x * w, point.y * h, 1.0)
+    return out

@@ -8,6 +8,7 @@ sources go through ``to_example``, so a model cannot tell which one it is traine
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,71 @@ class _FolderSample:
     image: Path
     caption: str
     conditioning: Path | None  # a precomputed condition map; None: annotate the image
+    where: str = ""  # its metadata line, for messages
+
+
+def caption_keys_for(caption_column: str) -> tuple[str, ...]:
+    """``caption`` is diffusers' other usual key; it stands in only for the default ``text``."""
+    return (caption_column, "caption") if caption_column == "text" else (caption_column,)
+
+
+def read_metadata(root: Path, caption_keys: tuple[str, ...], policy: BadSamplePolicy,
+                  check_files: Callable[[_FolderSample], None] | None = None) -> list[_FolderSample]:
+    """The samples ``root/metadata.jsonl`` lists whose files exist (see ``ImageFolderDataset`` for the format),
+    each passed to ``check_files`` in order (None: no image is decoded; 100k lines take a second); bad ones go
+    to ``policy``, with their metadata line named."""
+    metadata = root / METADATA_FILE
+    if not root.is_dir():
+        raise BadSampleError(f"{root}: image folder not found", root)
+    if not metadata.is_file():
+        raise BadSampleError(
+            f"{metadata}: not found; an image folder needs one line per image like "
+            '{"file_name": "0001.png", "text": "a caption"}',
+            metadata,
+        )
+    samples = []
+    for number, line in enumerate(metadata.read_bytes().splitlines(), 1):
+        if line.strip():
+            where = f"{metadata} line {number}"
+            try:
+                sample = _parse_line(root, where, line, caption_keys)
+                if check_files is not None:
+                    check_files(sample)
+            except BadSampleError as err:
+                policy.reject(err if where in str(err) else BadSampleError(f"{err} (listed in {where})", err.path))
+            else:
+                samples.append(sample)
+    return samples
+
+
+def _parse_line(root: Path, where: str, line: bytes, caption_keys: tuple[str, ...]) -> _FolderSample:
+    """One metadata line -> a sample whose files exist, or a BadSampleError saying why not."""
+    try:
+        entry = json.loads(line)
+    except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        raise BadSampleError(f"{where}: not valid JSON ({err})", where) from None
+    if not isinstance(entry, dict):
+        raise BadSampleError(f"{where}: expected a JSON object, got {type(entry).__name__}", where)
+    file_name = entry.get("file_name")
+    if not _is_text(file_name):
+        raise BadSampleError(f"{where}: missing file_name", where)
+    image = root / file_name
+    caption = next((entry[key] for key in caption_keys if key in entry), None)
+    if caption is None:
+        expected = " or ".join(repr(key) for key in caption_keys)
+        raise BadSampleError(
+            f"{where}: no caption for {file_name} (expected a {expected} key; caption_column names it)", image
+        )
+    if not _is_text(caption):
+        raise BadSampleError(f"{where}: empty or non-text caption {caption!r} for {file_name}", image)
+    conditioning_name = entry.get("conditioning_file_name")
+    if conditioning_name is not None and not _is_text(conditioning_name):
+        raise BadSampleError(f"{where}: conditioning_file_name {conditioning_name!r} is not a file name", image)
+    conditioning = root / conditioning_name if conditioning_name is not None else None
+    for path in (image, conditioning):
+        if path is not None and not path.is_file():
+            raise BadSampleError(f"{where}: {path} is listed but does not exist", path)
+    return _FolderSample(image, caption, conditioning, where)
 
 
 class ImageFolderDataset(Dataset):
@@ -120,8 +186,7 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         check(isinstance(resolution, int) and resolution >= 1, "resolution", resolution, "a positive integer")
         self.root = Path(root)
-        # `caption` is diffusers' other usual key; it stands in only for the default
-        self.caption_keys = (caption_column, "caption") if caption_column == "text" else (caption_column,)
+        self.caption_keys = caption_keys_for(caption_column)
         self.condition = get_condition(condition)
         self.resolution = resolution
         self.annotators = annotators
@@ -134,69 +199,18 @@ class ImageFolderDataset(Dataset):
             self._load(to_annotate)
 
     def _index(self, policy: BadSamplePolicy) -> list[_FolderSample]:
-        metadata = self.root / METADATA_FILE
-        if not self.root.is_dir():
-            raise BadSampleError(f"{self.root}: image folder not found", self.root)
-        if not metadata.is_file():
-            raise BadSampleError(
-                f"{metadata}: not found; an image folder needs one line per image like "
-                '{"file_name": "0001.png", "text": "a caption"}',
-                metadata,
-            )
-        samples, listed = [], 0
-        for number, line in enumerate(metadata.read_bytes().splitlines(), 1):
-            if not line.strip():
-                continue
-            listed += 1
-            try:
-                samples.append(self._parse(f"{metadata} line {number}", line))
-            except BadSampleError as err:
-                policy.reject(err)
+        def decodes(sample: _FolderSample) -> None:
+            for path in (sample.image, sample.conditioning):
+                if path is not None:
+                    load_rgb(path, self.resolution)
+
+        samples = read_metadata(self.root, self.caption_keys, policy, decodes)
+        listed = len(samples) + len(policy.skipped)
         policy.report(listed, self.root)
         if not samples:
-            raise BadSampleError(
-                f"{self.root}: no usable samples ({listed} listed in {METADATA_FILE}, "
-                f"{len(policy.skipped)} skipped as bad)",
-                self.root,
-            )
+            raise BadSampleError(f"{self.root}: no usable samples ({listed} listed in {METADATA_FILE}, "
+                                 f"{len(policy.skipped)} skipped as bad)", self.root)
         return samples
-
-    def _parse(self, where: str, line: bytes) -> _FolderSample:
-        """One metadata line -> a sample whose files exist and decode, or a BadSampleError saying why not."""
-        try:
-            entry = json.loads(line)
-        except ValueError as err:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
-            raise BadSampleError(f"{where}: not valid JSON ({err})", where) from None
-        if not isinstance(entry, dict):
-            raise BadSampleError(f"{where}: expected a JSON object, got {type(entry).__name__}", where)
-        file_name = entry.get("file_name")
-        if not _is_text(file_name):
-            raise BadSampleError(f"{where}: missing file_name", where)
-        image = self.root / file_name
-        caption = next((entry[key] for key in self.caption_keys if key in entry), None)
-        if caption is None:
-            expected = " or ".join(repr(key) for key in self.caption_keys)
-            raise BadSampleError(
-                f"{where}: no caption for {file_name} (expected a {expected} key; caption_column names it)", image
-            )
-        if not _is_text(caption):
-            raise BadSampleError(f"{where}: empty or non-text caption {caption!r} for {file_name}", image)
-        conditioning_name = entry.get("conditioning_file_name")
-        if conditioning_name is not None and not _is_text(conditioning_name):
-            raise BadSampleError(
-                f"{where}: conditioning_file_name {conditioning_name!r} is not a file name", image
-            )
-        conditioning = self.root / conditioning_name if conditioning_name is not None else None
-        for path in (image, conditioning):
-            if path is None:
-                continue
-            if not path.is_file():
-                raise BadSampleError(f"{where}: {path} is listed but does not exist", path)
-            try:
-                load_rgb(path, self.resolution)
-            except BadSampleError as err:
-                raise BadSampleError(f"{err} (listed in {where})", path) from err
-        return _FolderSample(image, caption, conditioning)
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -231,7 +245,9 @@ class HuggingFaceDataset(Dataset):
     so a bad row stops (or is skipped) before training starts rather than deep in a step: both images
     must decode and convert, the caption must be non-empty text. Bad rows (``<path>[i]``) are handled by
     ``on_bad_sample``; ``skipped`` lists (row, reason) of those left out, and indexing and ``captions``
-    go over the kept rows.
+    go over the kept rows. ``read_all=False`` (``metacontrol prepare``, which reads rows in DataLoader
+    workers) skips that pass: every row is kept and ``read(i)`` meets a bad one. A null
+    ``conditioning_image_column`` reads images only (``read`` gives no map: the caller annotates).
     """
 
     IMAGE_KEYS = ("image_column", "conditioning_image_column")
@@ -241,10 +257,11 @@ class HuggingFaceDataset(Dataset):
         path: str | Path,
         resolution: int,
         image_column: str = "image",
-        conditioning_image_column: str = "conditioning_image",
+        conditioning_image_column: str | None = "conditioning_image",
         caption_column: str = "text",
         split: str = "train",
         on_bad_sample: OnBadSample = "error",
+        read_all: bool = True,
     ) -> None:
         import datasets  # importing it takes a second; only this source needs it
 
@@ -259,13 +276,15 @@ class HuggingFaceDataset(Dataset):
             loaded = loaded[split]
         self.columns = {"image_column": image_column, "conditioning_image_column": conditioning_image_column,
                         "caption_column": caption_column}  # fmt: skip
+        self.columns = {key: column for key, column in self.columns.items() if column is not None}
+        self.image_keys = [key for key in self.IMAGE_KEYS if key in self.columns]
         for key, column in self.columns.items():
             if column not in loaded.column_names:
                 available = ", ".join(loaded.column_names)
                 raise ConfigError(
                     f"{path}: column {column!r} ({key}) not found; available columns: {available}"
                 )
-        for key in self.IMAGE_KEYS:
+        for key in self.image_keys:
             feature = loaded.features[self.columns[key]]
             if not (isinstance(feature, datasets.Image) and feature.decode):
                 raise ConfigError(
@@ -275,13 +294,17 @@ class HuggingFaceDataset(Dataset):
         if len(loaded) == 0:
             raise BadSampleError(f"{path}: the dataset has no rows", path)
         # Rows hold the images' encoded bytes; ``_read`` decodes them itself, so a broken one is a bad sample.
-        self._features = {self.columns[key]: loaded.features[self.columns[key]] for key in self.IMAGE_KEYS}
+        self._features = {self.columns[key]: loaded.features[self.columns[key]] for key in self.image_keys}
         data = loaded.select_columns(list(dict.fromkeys(self.columns.values())))
         for column in self._features:
             data = data.cast_column(column, datasets.Image(decode=False))
         self._data = data
         self._rows: list[int] = []  # indices of the kept rows in the saved dataset
         self._captions: list[str] = []
+        self.skipped = policy.skipped
+        if not read_all:
+            self._rows = list(range(len(data)))
+            return
         for index, row in enumerate(data):
             try:
                 caption = self._read(index, row)[2]
@@ -291,7 +314,6 @@ class HuggingFaceDataset(Dataset):
                 self._rows.append(index)
                 self._captions.append(caption)
         policy.report(len(data), self.path)
-        self.skipped = policy.skipped
         if not self._rows:
             raise BadSampleError(f"{path}: no usable samples ({len(data)} rows, all skipped as bad)", path)
 
@@ -311,14 +333,19 @@ class HuggingFaceDataset(Dataset):
         image = decode(lambda: self._features[column].decode_example(row[column]), source)
         return pil_to_rgb(image, self.resolution, source, background)
 
-    def _read(self, index: int, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, str]:
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+        """Row ``index`` of the saved dataset (kept or not) as (image, condition map or None, caption)."""
+        return self._read(index, self._data[index])
+
+    def _read(self, index: int, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, str]:
         """Row ``index`` of the saved dataset as (image, condition map, caption), or a BadSampleError naming it."""
         where = f"{self.path}[{index}]"
         caption = row[self.columns["caption_column"]]
         if not _is_text(caption):
             raise BadSampleError(f"{where}: empty or non-text caption {caption!r}", where)
         image = self._image(where, row, "image_column", WHITE)
-        condition_map = self._image(where, row, "conditioning_image_column", BLACK)
+        has_map = "conditioning_image_column" in self.columns
+        condition_map = self._image(where, row, "conditioning_image_column", BLACK) if has_map else None
         return image, condition_map, caption
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from metacontrol.atomic import atomic_write_bytes
 from metacontrol.data.datasets import CACHE_FOLDER
 from metacontrol.data.pools import CACHED_KEYS, TaskData
-from metacontrol.models.base import BaseModel
+from metacontrol.models.base import BaseModel, Encoders
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def _tokenizer_sha256(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps([head, spec], sort_keys=True).encode()).hexdigest()
 
 
-def model_material(base: BaseModel) -> dict[str, Any]:
+def model_material(base: Encoders | BaseModel) -> dict[str, Any]:
     """What identifies the encoders of ``base``, for the cache key (computed once per run)."""
     return {
         "location": base.location,
@@ -131,15 +131,21 @@ def encode_samples(data: TaskData, base: BaseModel, rows: range | None = None, b
     if batch_size is None:
         height, width = data.item_tensors([rows.start])["pixel_values"].shape[-2:]
         batch_size = max(1, min(64, ENCODE_PIXELS // (height * width)))
-    device, dtype = base.vae.device, base.vae.dtype
     out: dict[str, list[torch.Tensor]] = {key: [] for key in CACHED_KEYS}
     for start in tqdm(range(rows.start, rows.stop, batch_size), desc=desc, disable=not show_progress):
         batch = data.item_tensors(range(start, min(start + batch_size, rows.stop)))
-        dist = base.vae.encode(batch["pixel_values"].to(device, dtype)).latent_dist
-        out["latent_mean"].append(dist.mean.float().cpu())
-        out["latent_std"].append(dist.std.float().cpu())
+        mean, std = encode_images(base, batch["pixel_values"])
+        out["latent_mean"].append(mean)
+        out["latent_std"].append(std)
         out["text_embeds"].append(base.encode_prompts(list(batch["caption"])).float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def encode_images(encoders: Encoders | BaseModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of (N, 3, H, W) pixels in [-1, 1], fp32 on the CPU."""
+    dist = encoders.vae.encode(pixel_values.to(encoders.vae.device, encoders.vae.dtype)).latent_dist
+    return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
 # -- the on-disk store -----------------------------------------------------------------------------------

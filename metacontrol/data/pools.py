@@ -46,7 +46,9 @@ class TaskData:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def item_tensors(self, indices: Sequence[int]) -> dict:
+    def item_tensors(self, indices: Sequence[int], pixels: bool = True) -> dict:
+        """The collated samples; ``pixels=False`` when cached encodings stand in for the images, which are then
+        left out (and, where the source can, never decoded)."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:
@@ -58,7 +60,7 @@ class TaskData:
         raise NotImplementedError
 
     def batch(self, indices: Sequence[int]) -> dict:
-        batch = self.item_tensors(indices)
+        batch = self.item_tensors(indices, pixels=not self.cached)
         index = torch.as_tensor(list(indices), dtype=torch.long)
         for key, value in self.cached.items():
             batch[key] = value[index]
@@ -79,18 +81,20 @@ class TensorPool(TaskData):
     def __len__(self) -> int:
         return len(self.captions)
 
-    def item_tensors(self, indices: Sequence[int]) -> dict:
+    def item_tensors(self, indices: Sequence[int], pixels: bool = True) -> dict:
         index = torch.as_tensor(list(indices), dtype=torch.long)
-        return {
-            "pixel_values": self.images[index].float() / 127.5 - 1.0,
+        batch = {
             "conditioning_pixel_values": self.conditions[index].float() / 255.0,
             "caption": [self.captions[i] for i in indices],
         }
+        if pixels:
+            batch["pixel_values"] = self.images[index].float() / 127.5 - 1.0
+        return batch
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(f"pool {tuple(self.images.shape)} {self.images.dtype}\n".encode())
         digest.update(self.images.contiguous().numpy().data)
-        digest.update(_captions_bytes(self.captions))
+        digest.update(captions_bytes(self.captions))
         return digest.hexdigest()
 
 
@@ -130,13 +134,18 @@ class DatasetTaskData(TaskData):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def item_tensors(self, indices: Sequence[int]) -> dict:
-        items = [self.dataset[i] for i in indices]
-        return {
-            "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+    def subset(self, rows: range) -> DatasetTaskData:
+        return DatasetTaskData(Subset(self.dataset, rows))
+
+    def item_tensors(self, indices: Sequence[int], pixels: bool = True) -> dict:
+        items = [self.dataset[i] for i in indices]  # a Dataset's items hold their pixels: decoded either way
+        batch = {
             "conditioning_pixel_values": torch.stack([it["conditioning_pixel_values"] for it in items]),
             "caption": [it["caption"] for it in items],
         }
+        if pixels:
+            batch["pixel_values"] = torch.stack([it["pixel_values"] for it in items])
+        return batch
 
     def fingerprint(self) -> str:
         """Over image files' bytes where the dataset lists its files, else over every item's pixels.
@@ -157,11 +166,18 @@ class DatasetTaskData(TaskData):
                 pixels = self.dataset[i]["pixel_values"]
                 digest.update(f"{tuple(pixels.shape)}".encode())
                 digest.update(pixels.contiguous().numpy().data)
-        digest.update(_captions_bytes(self.captions))
+        digest.update(captions_bytes(self.captions))
         return digest.hexdigest()
 
 
-def _captions_bytes(captions: Sequence[str]) -> bytes:
+def batch_images(batch: dict) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """A batch's condition maps and images back as (H, W, 3) uint8 arrays (for grids and evaluation)."""
+    maps = (batch["conditioning_pixel_values"] * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    images = ((batch["pixel_values"] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return list(maps), list(images)
+
+
+def captions_bytes(captions: Sequence[str]) -> bytes:
     """Length-prefixed, so no two caption lists hash alike by shifting text between neighbours."""
     encoded = [caption.encode() for caption in captions]
     return b"".join(len(data).to_bytes(8, "little") + data for data in encoded)

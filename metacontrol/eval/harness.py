@@ -1,41 +1,55 @@
 """Zero-/few-shot evaluation: generate under a condition, re-annotate, compare, normalise.
 
-For each condition, a fixed held-out set (synthetic test split: ground truth known exactly) is
-generated with fixed seeds, scheduler, steps and guidance. Every generated image is scored by
-- *condition fidelity*: the condition's own annotator re-run on the generated image and compared
-  with the same annotator on the ground truth (Canny F1, lineart SSIM; HED/depth/normal with
-  controlnet-aux weights when given), and the synthetic world's exact analysis otherwise
-  (``layout_miou``: are the objects where the condition put them);
+For each condition, a fixed held-out set is generated with fixed seeds, scheduler, steps and guidance:
+synthetic test scenes (ground truth known exactly) or the user's photos (``photo_eval_sets``: the first
+``num_samples`` of any training source, prepared sets included). Every generated image is scored by
+- *condition fidelity* (``Condition.fidelity_metric``, the ControlNet++ protocol): the condition's own
+  annotator re-run on the generated image and compared with the same annotator on the ground truth:
+  Canny F1, HED/scribble/lineart SSIM, depth RMSE, normal angular error (degrees), pose PCK@0.1 of
+  OpenPose's keypoints (the annotators that need weights run when ``annotators`` is given); on synthetic
+  scenes also the world's exact analysis (``layout_miou``: are the objects where the condition put them);
 - *image agreement with the ground truth*: SSIM, PSNR, edge F1;
 - *what the condition constrains* (``Condition.control_metrics``): edge F1 for edge maps; for layout
   maps (depth, normal, seg) the objects' own-colour IoU and boundary F1 against the world's exact
   masks; for pose the figure's own-colour IoU in its box. None depends on the colours the base
-  model chose, which are the text's job, not the ControlNet's.
+  model chose, which are the text's job, not the ControlNet's. Photos have no such ground truth: there
+  the control metric is the fidelity metric.
 A *floor* (the base model without ControlNet, same seeds) and a *ceiling* (the ground truth
-through the VAE: the best this base model can show) normalise each control metric; the control
-score is their mean (0 = floor, 1 = ceiling). Per sample it is left unclipped, so that means and
-bootstrap intervals over samples are exact linear functions of the metrics; the set's score is
-that mean clipped to [0, 1].
+through the VAE: the best this base model can show) normalise each control metric, whichever way it
+improves; the control score is their mean (0 = floor, 1 = ceiling). Per sample it is left unclipped, so
+that means and bootstrap intervals over samples are exact linear functions of the metrics; the set's
+score is that mean clipped to [0, 1].
+
+It runs where the base model is (any device, the UNet in the weight dtype). Under several processes
+(``accelerator``) batch ``b`` is generated and scored by process ``b % num_processes`` and the results
+gathered in order; image ``i`` is seeded ``seed + i`` wherever it is made, so they equal one process's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 from diffusers import ControlNetModel
 
 from metacontrol.conditions import AnnotatorUnavailable, get_condition
-from metacontrol.config_loader import check
+from metacontrol.config import SourceConfig
+from metacontrol.config_loader import ConfigError, check
 from metacontrol.data.datasets import SPLIT_SEED_OFFSETS
-from metacontrol.data.pools import synthetic_pools
+from metacontrol.data.pools import batch_images, synthetic_pools
 from metacontrol.eval.metrics import (
     boundary_f1,
     canny_edges,
     edge_f1,
     figure_iou,
     layout_miou,
+    normal_angular_error,
+    pck,
     psnr,
     region_iou,
     rmse,
@@ -51,25 +65,37 @@ from metacontrol.pipelines import (
     generate,
     vae_roundtrip,
 )
+from metacontrol.processes import agreed
 from metacontrol.world import Scene, WorldConfig
 
 Scores = dict[str, np.ndarray]  # metric -> one value per sample of an eval set
-
-
-def control_metrics(condition: str) -> tuple[str, ...]:
-    """The metrics the control score of ``condition`` averages (declared by the condition)."""
-    return get_condition(condition).control_metrics
+T = TypeVar("T")
+LOWER_IS_BETTER = frozenset({"depth_rmse", "normal_angle"})  # errors; every other metric is a score
+PCK_THRESHOLD = 0.1  # a keypoint is correct within this fraction of the image's longer side (PCK@0.1)
 
 
 @dataclass
 class EvalSet:
-    """The held-out samples of one condition: input maps, prompts and ground truth."""
+    """The held-out samples of one condition: input maps, prompts and ground truth (scenes: synthetic only)."""
 
     condition: str
     maps: list[np.ndarray]
     captions: list[str]
     images: list[np.ndarray]
     scenes: list[Scene]
+    # the condition's annotator on each ground-truth image, computed once for floor, ceiling and checkpoints
+    references: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    @property
+    def control_metrics(self) -> tuple[str, ...]:
+        """What the control score averages: on scenes the condition's exact ones, on photos its fidelity."""
+        condition = get_condition(self.condition)
+        return condition.control_metrics if self.scenes else (condition.fidelity_metric,)  # type: ignore[return-value]
+
+    def reference(self, index: int, annotate: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        if index not in self.references:
+            self.references[index] = annotate(self.images[index])
+        return self.references[index]
 
 
 @dataclass
@@ -85,7 +111,7 @@ class EvalSettings:
     batch_size: int = 16  # scenes per pipeline call; image i's noise is seeded seed + i whatever the batching
     scheduler: str = DEFAULT_SCHEDULER  # a diffusers scheduler class, built from the base model's noise schedule
     split: str = "test"
-    annotators: str | None = None
+    annotators: str | None = None  # controlnet-aux weights (folder or Hub id) for the detectors that need them
 
     def __post_init__(self) -> None:
         # Checked at config load (the loader names them settings.*), not an hour into a benchmark.
@@ -107,40 +133,71 @@ def synthetic_eval_sets(conditions: list[str], world: WorldConfig, settings: Eva
     return out
 
 
-def _reannotation_fidelity(condition: str, generated: np.ndarray, truth: np.ndarray, input_map: np.ndarray,
-                           annotators: str | None) -> dict[str, float]:
-    """The condition's annotator on the generated image vs on the ground truth (when it can run)."""
-    cond = get_condition(condition)
-    if condition == "canny":
-        return {"canny_f1": edge_f1(canny_edges(generated), input_map)}
-    if cond.annotator is None or (cond.annotator.needs_weights and annotators is None):
+def photo_eval_sets(conditions: list[str], source: SourceConfig, resolution: int, settings: EvalSettings,
+                    base: BaseModel) -> dict[str, EvalSet]:
+    """The first ``num_samples`` examples of a real source per condition: maps (annotated, or the source's own),
+    photos and captions. A condition no annotator can re-annotate cannot be scored on photos: one line says so."""
+    from metacontrol.data.sources import load_task_data  # the data stack: only photo evaluations need it
+
+    for condition in conditions:
+        if get_condition(condition).fidelity_metric is None:
+            raise ConfigError(f"conditions: {condition!r} has no controlnet-aux annotator to re-run on generated "
+                              "images, so photos cannot score it; evaluate it on the synthetic world")
+    source = replace(source, annotators=source.annotators or settings.annotators)
+    data = load_task_data(source, conditions, resolution, base, cache="none", cache_dir=None, show_progress=False)
+    out = {}
+    for condition, task_data in data.items():
+        batch = task_data.item_tensors(range(min(settings.num_samples, len(task_data))))
+        maps, images = batch_images(batch)
+        out[condition] = EvalSet(condition, maps, list(batch["caption"]), images, [])
+    return out
+
+
+def fidelity(eval_set: EvalSet, index: int, generated: np.ndarray, annotators: str | None,
+             device: str | None = None) -> dict[str, float]:
+    """The condition's annotator on a generated image vs on its ground truth, by the condition's fidelity metric
+    (nothing when its annotator cannot run: no annotator, or weights not given)."""
+    cond = get_condition(eval_set.condition)
+    metric = cond.fidelity_metric
+    if metric == "canny_f1":
+        return {metric: edge_f1(canny_edges(generated), eval_set.maps[index])}
+    if metric is None or cond.annotator is None or (cond.annotator.needs_weights and annotators is None):
         return {}
     try:
-        pred, ref = cond.annotate(generated, annotators), cond.annotate(truth, annotators)
+        if metric == "pose_pck":
+            truth = eval_set.reference(index, lambda image: cond.keypoints(image, annotators, device))  # type: ignore[attr-defined]
+            found = cond.keypoints(generated, annotators, device)  # type: ignore[attr-defined]
+            return {metric: pck(found, truth, PCK_THRESHOLD * max(generated.shape[:2]))}
+        pred = cond.annotate(generated, annotators, device)
+        ref = eval_set.reference(index, lambda image: cond.annotate(image, annotators, device))
     except AnnotatorUnavailable:
         return {}
-    if condition == "depth":
-        return {"depth_rmse": rmse(pred.astype(np.float64) / 255, ref.astype(np.float64) / 255)}
-    return {f"{condition}_ssim": ssim(pred, ref)}
+    if metric == "depth_rmse":
+        return {metric: rmse(pred.astype(np.float64) / 255, ref.astype(np.float64) / 255)}
+    if metric == "normal_angle":
+        return {metric: normal_angular_error(pred, ref)}
+    return {metric: ssim(pred, ref)}
 
 
-def score_samples(eval_set: EvalSet, generated: np.ndarray, annotators: str | None) -> Scores:
-    """Every metric of every generated sample (nan where a metric does not apply, e.g. no figure)."""
-    rows = []
-    for i, image in enumerate(generated):
+def score_samples(eval_set: EvalSet, generated: np.ndarray, annotators: str | None, rows: range | None = None,
+                  device: str | None = None) -> Scores:
+    """Every metric of every generated sample (nan where a metric does not apply, e.g. no figure); ``generated[k]``
+    is sample ``rows[k]`` of the set (default: all, in order)."""
+    scored = []
+    for i, image in zip(rows if rows is not None else range(len(generated)), generated):
         truth = eval_set.images[i]
         row = {
             "edge_f1": edge_f1(canny_edges(image), canny_edges(truth)),
             "ssim": ssim(image, truth),
             "psnr": psnr(image, truth),
-            **_reannotation_fidelity(eval_set.condition, image, truth, eval_set.maps[i], annotators),
+            **fidelity(eval_set, i, image, annotators, device),
         }
         if eval_set.scenes:
             scene = eval_set.scenes[i]
             row.update(layout_miou=layout_miou(image, scene), region_iou=region_iou(image, scene),
                        boundary_f1=boundary_f1(image, scene), figure_iou=figure_iou(image, scene))
-        rows.append(row)
-    return {key: np.array([r[key] for r in rows], np.float64) for key in rows[0]}
+        scored.append(row)
+    return {key: np.array([r[key] for r in scored], np.float64) for key in scored[0]}
 
 
 def mean_scores(scores: Scores) -> dict[str, float]:
@@ -152,12 +209,17 @@ def normalised_control(scores: Scores, floor: dict[str, float], ceiling: dict[st
                        metrics: tuple[str, ...]) -> np.ndarray:
     """Per sample, the mean over ``metrics`` of (value - floor) / (ceiling - floor), unclipped.
 
-    Floor and ceiling are set means. A metric whose ceiling does not beat its floor has nothing to
-    normalise by and is left out; a sample where a metric is nan (no figure to judge) averages the
-    rest; nothing left -> nan.
+    Floor and ceiling are set means. The ratio reads the same for errors (``LOWER_IS_BETTER``: the ceiling
+    is below the floor): 0 at the floor, 1 at the ceiling. A metric whose ceiling does not beat its floor
+    has nothing to normalise by and is left out; a sample where a metric is nan (no figure to judge)
+    averages the rest; nothing left -> nan.
     """
     n = len(next(iter(scores.values())))
-    parts = [(scores[m] - floor[m]) / (ceiling[m] - floor[m]) for m in metrics if ceiling[m] - floor[m] > 1e-9]
+
+    def gain(m: str) -> float:
+        return (floor[m] - ceiling[m]) if m in LOWER_IS_BETTER else (ceiling[m] - floor[m])
+
+    parts = [(scores[m] - floor[m]) / (ceiling[m] - floor[m]) for m in metrics if m in scores and gain(m) > 1e-9]
     if not parts:
         return np.full(n, np.nan)
     stacked = np.stack(parts)
@@ -169,11 +231,14 @@ def normalised_control(scores: Scores, floor: dict[str, float], ceiling: dict[st
 
 @dataclass
 class Evaluator:
-    """Generates and scores; the floor and ceiling are computed once and shared by all checkpoints."""
+    """Generates and scores; the floor and ceiling are computed once and shared by all checkpoints.
+
+    ``accelerator``: split the work across its processes (see the module docstring); None: all here."""
 
     base: BaseModel
     eval_sets: dict[str, EvalSet]
     settings: EvalSettings = field(default_factory=EvalSettings)
+    accelerator: Accelerator | None = None
     _floor: dict[str, Scores] = field(default_factory=dict, init=False)
     _ceiling: dict[str, Scores] = field(default_factory=dict, init=False)
 
@@ -182,28 +247,65 @@ class Evaluator:
         # to within one grey level); evaluation owns the frozen base it is given.
         self.base.unet.to(memory_format=torch.channels_last)
 
-    def generate(self, controlnet: ControlNetModel | None, condition: str) -> np.ndarray:
-        s, eval_set = self.settings, self.eval_sets[condition]
+    @property
+    def device(self) -> str:
+        return str(self.base.unet.device)
+
+    def _over_batches(self, condition: str, work: Callable[[range], T]) -> list[T]:
+        """``work(rows)`` for each batch of the set, batch ``b`` on process ``b % num_processes``; every process
+        gets the results of all batches, in order. A failure on one stops all (``agreed``), before the gather."""
+        n, size = len(self.eval_sets[condition].captions), self.settings.batch_size
+        batches = [range(start, min(start + size, n)) for start in range(0, n, size)]
+        acc = self.accelerator
+        if acc is None or acc.num_processes == 1:
+            return [work(rows) for rows in batches]
+        mine: list[tuple[int, T]] = []
+        with agreed(acc, f"the evaluation of {condition}"):
+            mine = [(b, work(rows)) for b, rows in enumerate(batches) if b % acc.num_processes == acc.process_index]
+        return [part for _, part in sorted(gather_object(mine), key=lambda item: item[0])]
+
+    def _pipe(self, controlnet: ControlNetModel | None) -> Any:
         if controlnet is None:
-            pipe = base_pipeline(self.base, s.scheduler)
-            h, w = eval_set.maps[0].shape[:2]
-            return generate(pipe, eval_set.captions, None, s.seed, s.num_inference_steps, s.guidance_scale,
-                            size=(h, w), batch_size=s.batch_size)
-        pipe = controlnet_pipeline(self.base, controlnet.to(memory_format=torch.channels_last), s.scheduler)
-        return generate(pipe, eval_set.captions, eval_set.maps, s.seed, s.num_inference_steps, s.guidance_scale,
-                        batch_size=s.batch_size)
+            return base_pipeline(self.base, self.settings.scheduler)
+        controlnet = controlnet.to(self.base.unet.device, memory_format=torch.channels_last)
+        return controlnet_pipeline(self.base, controlnet, self.settings.scheduler)
+
+    def _generate(self, pipe: Any, condition: str, rows: range) -> np.ndarray:
+        """Samples ``rows`` of the set, image ``i`` seeded ``seed + i``."""
+        s, eval_set = self.settings, self.eval_sets[condition]
+        captions = [eval_set.captions[i] for i in rows]
+        maps = [eval_set.maps[i] for i in rows] if getattr(pipe, "controlnet", None) is not None else None
+        size = eval_set.maps[0].shape[:2]
+        return generate(pipe, captions, maps, s.seed + rows.start, s.num_inference_steps, s.guidance_scale,
+                        size=size, batch_size=s.batch_size)
+
+    def generate(self, controlnet: ControlNetModel | None, condition: str) -> np.ndarray:
+        pipe = self._pipe(controlnet)
+        return np.concatenate(self._over_batches(condition, lambda rows: self._generate(pipe, condition, rows)))
+
+    def _scored(self, condition: str, make_images: Callable[[range], np.ndarray]) -> tuple[Scores, np.ndarray]:
+        """Images of every sample and their scores, made and scored batch by batch (split across processes)."""
+        eval_set = self.eval_sets[condition]
+
+        def work(rows: range) -> tuple[np.ndarray, Scores]:
+            images = make_images(rows)
+            return images, score_samples(eval_set, images, self.settings.annotators, rows, self.device)
+
+        parts = self._over_batches(condition, work)
+        scores = {key: np.concatenate([part[1][key] for part in parts]) for key in parts[0][1]}
+        return scores, np.concatenate([part[0] for part in parts])
 
     def floor_scores(self, condition: str) -> Scores:
         if condition not in self._floor:
-            self._floor[condition] = score_samples(self.eval_sets[condition], self.generate(None, condition),
-                                                   self.settings.annotators)
+            pipe = self._pipe(None)
+            self._floor[condition] = self._scored(condition, lambda rows: self._generate(pipe, condition, rows))[0]
         return self._floor[condition]
 
     def ceiling_scores(self, condition: str) -> Scores:
         if condition not in self._ceiling:
-            eval_set = self.eval_sets[condition]
-            self._ceiling[condition] = score_samples(eval_set, vae_roundtrip(self.base, eval_set.images),
-                                                     self.settings.annotators)
+            images = self.eval_sets[condition].images
+            self._ceiling[condition] = self._scored(
+                condition, lambda rows: vae_roundtrip(self.base, [images[i] for i in rows]))[0]
         return self._ceiling[condition]
 
     def floor(self, condition: str) -> dict[str, float]:
@@ -214,12 +316,13 @@ class Evaluator:
 
     def control_scores(self, condition: str, scores: Scores) -> np.ndarray:
         """Per-sample control score of ``scores`` against this set's floor and ceiling (see ``normalised_control``)."""
-        return normalised_control(scores, self.floor(condition), self.ceiling(condition), control_metrics(condition))
+        return normalised_control(scores, self.floor(condition), self.ceiling(condition),
+                                  self.eval_sets[condition].control_metrics)
 
     def evaluate_samples(self, controlnet: ControlNetModel, condition: str) -> tuple[Scores, np.ndarray]:
         """Per-sample metrics (with ``control_score``) and the images of one checkpoint on one condition."""
-        images = self.generate(controlnet, condition)
-        scores = score_samples(self.eval_sets[condition], images, self.settings.annotators)
+        pipe = self._pipe(controlnet)
+        scores, images = self._scored(condition, lambda rows: self._generate(pipe, condition, rows))
         scores["control_score"] = self.control_scores(condition, scores)
         return scores, images
 

@@ -36,6 +36,25 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name: the only shape looked up on
 
 
 @dataclass
+class Encoders:
+    """The frozen encoders whose outputs are cached (VAE, text encoder, tokenizer): all ``prepare`` loads."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerBase
+    location: str
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Per-token text embeddings (the UNet's cross-attention input), as SD pipelines compute them."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.text_encoder.device)  # fmt: skip
+        return self.text_encoder(ids)[0]
+
+
+@dataclass
 class BaseModel:
     """The Stable-Diffusion components a ControlNet is trained against."""
 
@@ -61,14 +80,12 @@ class BaseModel:
             module.to(device=device, dtype=dtype if module is self.unet else torch.float32)
         return self
 
-    @torch.no_grad()
+    @property
+    def encoders(self) -> Encoders:
+        return Encoders(self.vae, self.text_encoder, self.tokenizer, self.location)
+
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Per-token text embeddings (the UNet's cross-attention input), as SD pipelines compute them."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)  # fmt: skip
-        return self.text_encoder(ids)[0]
+        return self.encoders.encode_prompts(prompts)
 
 
 def local_folder(location: str, what: str) -> Path | None:
@@ -105,22 +122,41 @@ def load_failure(err: OSError) -> str:
     return line + offline
 
 
-def load_base_model(location: str, revision: str | None = None) -> BaseModel:
-    """Load the SD components from a local diffusers folder or a Hub id (``revision`` for the Hub)."""
+def _loader(location: str, revision: str | None, components: tuple[str, ...]) -> tuple[str, dict]:
+    """The folder (or Hub id) to load ``components`` from, after checking a local folder has them."""
     folder = local_folder(location, "pretrained_model_name_or_path: base model folder")
-    if folder is not None and (missing := [c for c in COMPONENTS if not (folder / c).is_dir()]):
+    if folder is not None and (missing := [c for c in components if not (folder / c).is_dir()]):
         raise ConfigError(
             f"base model folder {location} lacks {', '.join(missing)}; expected a diffusers Stable Diffusion "
-            f"folder with subfolders {', '.join(COMPONENTS)}"
+            f"folder with subfolders {', '.join(components)}"
         )
-    kwargs = {"revision": revision} if revision else {}
-    source = str(folder) if folder is not None else location  # "~" expanded
+    return (str(folder) if folder is not None else location), ({"revision": revision} if revision else {})
+
+
+def load_encoders(location: str, revision: str | None = None) -> Encoders:
+    """The VAE, text encoder and tokenizer of a base model (no UNet: a third of SD 1.5's bytes saved)."""
+    source, kwargs = _loader(location, revision, ("vae", "text_encoder", "tokenizer"))
     try:
-        return BaseModel(
+        return Encoders(
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
             tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
+            location=location,
+        )
+    except OSError as err:  # the Hub cannot be reached or has no such repository, or a file is unreadable
+        raise ConfigError(f"pretrained_model_name_or_path: cannot load {location}: {load_failure(err)}") from None
+
+
+def load_base_model(location: str, revision: str | None = None) -> BaseModel:
+    """Load the SD components from a local diffusers folder or a Hub id (``revision`` for the Hub)."""
+    source, kwargs = _loader(location, revision, COMPONENTS)
+    encoders = load_encoders(location, revision)
+    try:
+        return BaseModel(
+            vae=encoders.vae,
+            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
+            text_encoder=encoders.text_encoder,
+            tokenizer=encoders.tokenizer,
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
             location=location,
         )
