@@ -92,14 +92,21 @@ def read_set(out: Path) -> None:
         batch = data.batch(rng.choice(len(data), BATCH, replace=False).tolist())
     seconds = time.perf_counter() - started
     assert batch["latent_mean"].shape == (BATCH, 4, LATENT, LATENT) and batch["text_embeds"].dtype == torch.float32
-    print(json.dumps({"samples_s": BATCHES * BATCH / seconds, "peak_rss_mb": _peak_mb(), "start_rss_mb": before}))
+    print(json.dumps({"samples_s": BATCHES * BATCH / seconds, "peak_rss_mb": _peak_mb(), "start_rss_mb": before,
+                      **{key: _status_mb(key) for key in ("RssAnon", "RssFile")}}))
+
+
+def _status_mb(key: str) -> float:
+    """A /proc/self/status memory line: ``RssAnon`` is the process's own memory, ``RssFile`` file pages it maps
+    (the memory-mapped shards: page cache the kernel takes back under pressure)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) / 1024
+    return math.nan
 
 
 def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return math.nan
+    return _status_mb("VmRSS")
 
 
 def _peak_mb() -> float:
@@ -161,12 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.read is not None:
         read_set(args.read)
         return 0
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="metacontrol-data-path-", dir=args.work_dir))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     per_sample_mb = (2 * 4 * LATENT * LATENT + TOKENS * WIDTH) * 4 / 2**20
     print(f"### Prepared data path, {RESOLUTION} px, SD-1.5-shaped encodings (work folder {work})\n")
-    print("| samples | on disk (GB) | reader peak RSS (MB) | in-RAM encodings would be (MB) | loader samples/s |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| samples | on disk (GB) | reader peak RSS (MB) | of it anonymous / file-backed at the end (MB) | "
+          "in-RAM encodings would be (MB) | loader samples/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
     peaks = []
     for size in args.sizes:
         out = work / f"set-{size}"
@@ -174,11 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         disk = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**30
         result = json.loads(subprocess.run([sys.executable, __file__, "--read", str(out)], env=env, check=True,
                                            capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        peaks.append(result["peak_rss_mb"])
-        print(f"| {size:,} | {disk:.1f} | {result['peak_rss_mb']:,.0f} | {size * per_sample_mb:,.0f} | "
-              f"{result['samples_s']:,.0f} |", flush=True)
+        peaks.append((result["peak_rss_mb"], result["RssAnon"]))
+        print(f"| {size:,} | {disk:.1f} | {result['peak_rss_mb']:,.0f} | {result['RssAnon']:,.0f} / "
+              f"{result['RssFile']:,.0f} | {size * per_sample_mb:,.0f} | {result['samples_s']:,.0f} |", flush=True)
         subprocess.run(["rm", "-rf", str(out)], check=True)
-    print(f"\nPeak RSS ratio, largest / smallest set: {peaks[-1] / peaks[0]:.3f}")
+    print(f"\nLargest / smallest set: peak RSS x{peaks[-1][0] / peaks[0][0]:.3f}, anonymous memory "
+          f"x{peaks[-1][1] / peaks[0][1]:.3f}")
     print(f"Training step at SD-1.5 shapes, 512 px, batch 1, bf16, cached latents, this CPU: {step_rate():.3f} samples/s")
     if args.prepare_photos:
         one, two = (prepare_rate(work, args.prepare_photos, p) for p in (1, 2))

@@ -97,7 +97,7 @@ def measure(args: argparse.Namespace, device: torch.device, precision: str, xfor
         generator = torch.Generator().manual_seed(step)
         indices = torch.randperm(len(data), generator=generator)[: args.batch_size].tolist()
         loss = objective.loss(data.batch(indices), generator)
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)

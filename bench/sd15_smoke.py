@@ -1,7 +1,7 @@
 """The real path end to end at SD-1.5 shapes: photos -> prepare -> meta-train (2 processes) -> finetune -> evaluate
 -> generate, on random weights in the real SD 1.5 configs, on the CPU.
 
-    python bench/sd15_smoke.py [--work-dir DIR] [--keep] [--timeout SECONDS] [--processes N]
+    python bench/sd15_smoke.py [--work-dir DIR] [--keep] [--timeout SECONDS] [--processes N] [--meta-processes N]
 
 Why: ``bench/real_shapes.py`` runs the training scripts at these shapes on synthetic scenes; a user brings
 photos. This one builds the SD 1.5 architecture with random weights (UNet 320/640/1280/1280, CLIP-L text
@@ -72,7 +72,7 @@ def check_evaluation(out: Path) -> Callable[[], str]:
     return check
 
 
-def run_all(work: Path, timeout_s: float, processes: int) -> real_shapes.Runner:
+def run_all(work: Path, timeout_s: float, processes: int, meta_processes: int) -> real_shapes.Runner:
     logs = work / "logs"
     logs.mkdir()
     runner = real_shapes.Runner(logs, timeout_s)
@@ -92,10 +92,10 @@ def run_all(work: Path, timeout_s: float, processes: int) -> real_shapes.Runner:
                 "conditions=[canny, hed]", f"annotators={annotators}", f"resolution={RESOLUTION}", "shard_size=2",
                 "encode=true", "encode_batch_size=2", f"output_dir={prepared}", "dataloader_num_workers=1"),
          check_prepared(prepared)),
-        (f"meta-train on the prepared set (reptile, bf16, {processes} processes)",
-         launch(processes, "meta_train.py", *common, f"output_dir={meta}", f"resolution={RESOLUTION}",
+        (f"meta-train on the prepared set (reptile, bf16, {meta_processes} process(es))",
+         launch(meta_processes, "meta_train.py", *common, f"output_dir={meta}", f"resolution={RESOLUTION}",
                 "data.source=prepared", f"data.train_data_dir={prepared}", "data.tasks=[canny, hed]",
-                "meta.max_meta_steps=2", f"meta.tasks_per_meta_step={max(2, processes)}", "meta.inner_steps=2",
+                "meta.max_meta_steps=2", f"meta.tasks_per_meta_step={max(2, meta_processes)}", "meta.inner_steps=2",
                 "meta.support_batch_size=1", "meta.query_batch_size=1", "mixed_precision=bf16",
                 "gradient_checkpointing=true", "checkpointing_steps=2", "validation_steps=0", "report_to=none",
                 "num_threads=1", f"cache_dir={work / 'cache'}"),
@@ -136,14 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=None, help="where the temporary folder goes")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (base, outputs, logs)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds each stage may take (default 3600)")
-    parser.add_argument("--processes", type=int, default=2, help="processes of prepare and meta-training (default 2)")
+    parser.add_argument("--processes", type=int, default=2, help="processes of prepare (default 2)")
+    parser.add_argument("--meta-processes", type=int, default=None,
+                        help="processes of meta-training (default --processes; each needs ~11.6 GB here)")
     args = parser.parse_args(argv)
     os.environ.update(real_shapes.child_env(), ACCELERATE_USE_CPU="1")
     started = time.perf_counter()
     with real_shapes.work_folder(args.work_dir, "metacontrol-sd15-smoke-", args.keep) as work:
-        runner = run_all(work, args.timeout, args.processes)
+        runner = run_all(work, args.timeout, args.processes, args.meta_processes or args.processes)
     command = shlex.join(["python", "bench/sd15_smoke.py", *(argv if argv is not None else sys.argv[1:])])
-    print(f"\n### SD-1.5 smoke: random weights, 8 photos, {RESOLUTION} px, CPU, bf16, {args.processes} process(es)\n")
+    print(f"\n### SD-1.5 smoke: random weights, 8 photos, {RESOLUTION} px, CPU, bf16, prepare on {args.processes} "
+          f"process(es), meta-training on {args.meta_processes or args.processes}\n")
     print("\n".join(real_shapes.table(runner.results)))
     print(f"\nPeak RSS: per stage, of its largest process (GNU time; under torchrun, the launcher's own children "
           f"count). Total {(time.perf_counter() - started) / 60:.1f} min; {os.cpu_count()} CPUs."

@@ -78,7 +78,10 @@ def generate(pipe, prompts: list[str], conditions: list[np.ndarray] | None, seed
     Image i has its own generator seeded ``seed + i``, so it does not depend on how prompts are batched.
     """
     unet_dtype = pipe.unet.dtype
-    mixed = getattr(pipe, "controlnet", None) is not None and pipe.controlnet.dtype != unet_dtype
+    # Autocast when any part runs in another dtype than the UNet: an fp32 ControlNet under training, and the fp32
+    # text encoder (``BaseModel.freeze`` keeps it so) whose embeddings a bf16/fp16 UNet and ControlNet read.
+    parts = [pipe.text_encoder, getattr(pipe, "controlnet", None)]
+    mixed = any(part is not None and part.dtype != unet_dtype for part in parts)
     autocast = torch.autocast(pipe.device.type, dtype=unet_dtype) if mixed else nullcontext()
     if conditions is not None:
         size = conditions[0].shape[:2]

@@ -83,3 +83,12 @@ def test_what_photos_cannot_do_is_one_line(photo_run, override, line):
     root, args = photo_run
     result = run_script([PYTHON, "train/evaluate.py", *args, f"output_dir={root / 'bad'}", override], check=False)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith(line), result.stderr[-2000:]
+
+
+def test_photos_evaluate_in_bf16(photo_run):
+    """The UNet and ControlNet in bf16 read the fp32 text encoder's embeddings (autocast), as on a GPU."""
+    root, args = photo_run
+    run_script([PYTHON, "train/evaluate.py", *args, f"output_dir={root / 'bf16'}", "mixed_precision=bf16"])
+    report = json.loads((root / "bf16" / "metrics.json").read_text())
+    assert report["mixed_precision"] == "bf16"
+    assert all(np.isfinite(m["canny_f1"]) for m in (report["floor"]["canny"], report["results"]["standard"]["canny"]))
