@@ -139,3 +139,38 @@ def test_a_bad_setting_fails_at_load_in_one_line(override, words):
     with pytest.raises(ConfigError) as err:
         load_config(EvaluateConfig, REPO / "configs/evaluate_tiny.yaml", [override])
     assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_clip_score_is_the_cosine_of_clip_embeddings_times_100(harness, tmp_path):
+    """settings.clip_model adds clip_score per sample: checked against CLIP's own logits (logit_scale x cosine),
+    a separate path through the model; the control score does not change."""
+    import torch
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    base, eval_sets, settings, (_, perturbed) = harness
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(base.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=base.tokenizer.model_max_length)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(base.location, subfolder="tokenizer").save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    with_clip = Evaluator(base, eval_sets, replace(settings, clip_model=str(tmp_path)))
+    scores, images = with_clip.evaluate_samples(perturbed, "canny")
+    model, processor = with_clip.clip.model, with_clip.clip.processor
+    captions = eval_sets["canny"].captions
+
+    def cosines() -> np.ndarray:
+        with torch.no_grad():
+            inputs = processor(text=captions, images=list(images), return_tensors="pt", padding=True)
+            return np.diag(model(**inputs).logits_per_image.numpy()) / model.logit_scale.exp().item()
+
+    np.testing.assert_allclose(scores["clip_score"], np.maximum(100 * cosines(), 0), rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # the image embeddings negated: every cosine changes sign, so both sides of 0 are seen
+        model.visual_projection.weight.neg_()
+    flipped = cosines()
+    np.testing.assert_allclose(with_clip.clip(images, captions), np.maximum(100 * flipped, 0), rtol=1e-5, atol=1e-4)
+    assert (np.maximum(scores["clip_score"], with_clip.clip(images, captions)) > 0).all()  # each sample seen > 0
+    plain, _ = Evaluator(base, eval_sets, settings).evaluate_samples(perturbed, "canny")
+    np.testing.assert_array_equal(scores["control_score"], plain["control_score"])

@@ -112,6 +112,7 @@ class EvalSettings:
     scheduler: str = DEFAULT_SCHEDULER  # a diffusers scheduler class, built from the base model's noise schedule
     split: str = "test"
     annotators: str | None = None  # controlnet-aux weights (folder or Hub id) for the detectors that need them
+    clip_model: str | None = None  # a CLIP folder or Hub id (e.g. openai/clip-vit-large-patch14): adds clip_score
 
     def __post_init__(self) -> None:
         # Checked at config load (the loader names them settings.*), not an hour into a benchmark.
@@ -179,12 +180,42 @@ def fidelity(eval_set: EvalSet, index: int, generated: np.ndarray, annotators: s
     return {metric: ssim(pred, ref)}
 
 
+@dataclass
+class ClipScorer:
+    """Image-text agreement as the CLIP score (Hessel et al., 2021; torchmetrics' definition): 100 x the cosine of
+    the image's and the caption's CLIP embeddings, floored at 0. Independent of the condition: the text's job."""
+
+    model: Any
+    processor: Any
+
+    @classmethod
+    def load(cls, location: str, device: str) -> ClipScorer:
+        from transformers import AutoProcessor, CLIPModel
+
+        from metacontrol.models.base import load_failure, local_folder
+
+        folder = local_folder(location, "settings.clip_model: CLIP folder")
+        source = str(folder) if folder is not None else location
+        try:
+            return cls(CLIPModel.from_pretrained(source).to(device).eval(), AutoProcessor.from_pretrained(source))
+        except OSError as err:
+            raise ConfigError(f"settings.clip_model: cannot load {location}: {load_failure(err)}") from None
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, captions: list[str]) -> np.ndarray:
+        inputs = self.processor(text=captions, images=list(images), return_tensors="pt", padding=True, truncation=True)
+        out = self.model(**inputs.to(self.model.device))  # image_embeds, text_embeds: projected, unit length
+        cosine = (out.image_embeds * out.text_embeds).sum(-1).float().cpu().numpy()
+        return np.maximum(100.0 * cosine, 0.0)
+
+
 def score_samples(eval_set: EvalSet, generated: np.ndarray, annotators: str | None, rows: range | None = None,
-                  device: str | None = None) -> Scores:
+                  device: str | None = None, clip: ClipScorer | None = None) -> Scores:
     """Every metric of every generated sample (nan where a metric does not apply, e.g. no figure); ``generated[k]``
     is sample ``rows[k]`` of the set (default: all, in order)."""
+    rows = rows if rows is not None else range(len(generated))
     scored = []
-    for i, image in zip(rows if rows is not None else range(len(generated)), generated):
+    for i, image in zip(rows, generated):
         truth = eval_set.images[i]
         row = {
             "edge_f1": edge_f1(canny_edges(image), canny_edges(truth)),
@@ -197,7 +228,10 @@ def score_samples(eval_set: EvalSet, generated: np.ndarray, annotators: str | No
             row.update(layout_miou=layout_miou(image, scene), region_iou=region_iou(image, scene),
                        boundary_f1=boundary_f1(image, scene), figure_iou=figure_iou(image, scene))
         scored.append(row)
-    return {key: np.array([r[key] for r in scored], np.float64) for key in scored[0]}
+    scores = {key: np.array([r[key] for r in scored], np.float64) for key in scored[0]}
+    if clip is not None:
+        scores["clip_score"] = clip(generated, [eval_set.captions[i] for i in rows]).astype(np.float64)
+    return scores
 
 
 def mean_scores(scores: Scores) -> dict[str, float]:
@@ -241,11 +275,14 @@ class Evaluator:
     accelerator: Accelerator | None = None
     _floor: dict[str, Scores] = field(default_factory=dict, init=False)
     _ceiling: dict[str, Scores] = field(default_factory=dict, init=False)
+    clip: ClipScorer | None = field(default=None, init=False)  # from settings.clip_model
 
     def __post_init__(self) -> None:
         # oneDNN's convolutions run about 1.25x faster on the CPU in channels-last layout (same images
         # to within one grey level); evaluation owns the frozen base it is given.
         self.base.unet.to(memory_format=torch.channels_last)
+        clip_model = self.settings.clip_model
+        self.clip = ClipScorer.load(clip_model, self.device) if clip_model is not None else None
 
     @property
     def device(self) -> str:
@@ -289,7 +326,7 @@ class Evaluator:
 
         def work(rows: range) -> tuple[np.ndarray, Scores]:
             images = make_images(rows)
-            return images, score_samples(eval_set, images, self.settings.annotators, rows, self.device)
+            return images, score_samples(eval_set, images, self.settings.annotators, rows, self.device, self.clip)
 
         parts = self._over_batches(condition, work)
         scores = {key: np.concatenate([part[1][key] for part in parts]) for key in parts[0][1]}
