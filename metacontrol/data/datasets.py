@@ -86,7 +86,7 @@ class SyntheticDataset(Dataset):
         return to_example(scene.image, self.condition.render(scene), scene.caption)
 
 
-def _is_text(value: object) -> bool:
+def is_text(value: object) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
@@ -141,7 +141,7 @@ def _parse_line(root: Path, where: str, line: bytes, caption_keys: tuple[str, ..
     if not isinstance(entry, dict):
         raise BadSampleError(f"{where}: expected a JSON object, got {type(entry).__name__}", where)
     file_name = entry.get("file_name")
-    if not _is_text(file_name):
+    if not is_text(file_name):
         raise BadSampleError(f"{where}: missing file_name", where)
     image = root / file_name
     caption = next((entry[key] for key in caption_keys if key in entry), None)
@@ -150,10 +150,10 @@ def _parse_line(root: Path, where: str, line: bytes, caption_keys: tuple[str, ..
         raise BadSampleError(
             f"{where}: no caption for {file_name} (expected a {expected} key; caption_column names it)", image
         )
-    if not _is_text(caption):
+    if not is_text(caption):
         raise BadSampleError(f"{where}: empty or non-text caption {caption!r} for {file_name}", image)
     conditioning_name = entry.get("conditioning_file_name")
-    if conditioning_name is not None and not _is_text(conditioning_name):
+    if conditioning_name is not None and not is_text(conditioning_name):
         raise BadSampleError(f"{where}: conditioning_file_name {conditioning_name!r} is not a file name", image)
     conditioning = root / conditioning_name if conditioning_name is not None else None
     for path in (image, conditioning):
@@ -341,7 +341,7 @@ class HuggingFaceDataset(Dataset):
         """Row ``index`` of the saved dataset as (image, condition map, caption), or a BadSampleError naming it."""
         where = f"{self.path}[{index}]"
         caption = row[self.columns["caption_column"]]
-        if not _is_text(caption):
+        if not is_text(caption):
             raise BadSampleError(f"{where}: empty or non-text caption {caption!r}", where)
         image = self._image(where, row, "image_column", WHITE)
         has_map = "conditioning_image_column" in self.columns

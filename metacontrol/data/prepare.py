@@ -43,7 +43,7 @@ from metacontrol.atomic import atomic_write, atomic_write_bytes
 from metacontrol.conditions import get_condition
 from metacontrol.config import PrepareConfig
 from metacontrol.config_loader import ConfigError, to_dict
-from metacontrol.data.datasets import HuggingFaceDataset, caption_keys_for, read_metadata
+from metacontrol.data.datasets import HuggingFaceDataset, caption_keys_for, is_text, read_metadata
 from metacontrol.data.images import BLACK, WHITE, BadSampleError, BadSamplePolicy, load_rgb, pil_to_rgb
 from metacontrol.processes import agreed
 
@@ -124,7 +124,7 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-def _stream_rows(cfg: PrepareConfig, wanted: set[int]) -> Iterator[tuple[int, Row | None, BadSampleError | None]]:
+def _stream_rows(cfg: PrepareConfig, wanted: _StreamShards) -> Iterator[tuple[int, Row | None, BadSampleError | None]]:
     """A streamed 🤗 dataset, row by row, decoded here (rows of shards not in ``wanted`` are passed over).
 
     Every process reads the stream once; only the rows of its own shards are decoded and annotated."""
@@ -143,7 +143,7 @@ def _stream_rows(cfg: PrepareConfig, wanted: set[int]) -> Iterator[tuple[int, Ro
             given = (_stream_image(row, cfg.conditioning_image_column, cfg.resolution, where, BLACK)
                      if cfg.conditioning_image_column is not None else None)
             caption = row.get(cfg.caption_column)
-            if not (isinstance(caption, str) and caption.strip()):
+            if not is_text(caption):
                 raise BadSampleError(f"{where}: empty or non-text caption {caption!r}", where)
         except BadSampleError as err:
             yield index, None, err
@@ -346,7 +346,7 @@ def _prepare_own_shards(cfg: PrepareConfig, accelerator: Accelerator, rows: Fold
                                           num_workers=cfg.dataloader_num_workers))
     else:
         wanted = _StreamShards(rank, world, done_before)
-        items = _stream_rows(cfg, wanted)  # type: ignore[arg-type]
+        items = _stream_rows(cfg, wanted)
         indices = []
     writer: ShardWriter | None = None
     count = 0
