@@ -122,7 +122,8 @@ def measure(args: argparse.Namespace, device: torch.device, precision: str, xfor
     started = time.perf_counter()
     learner.begin()
     for episode in sampler.episodes(0):
-        losses += learner.adapt([episode_loss(objective, pools, episode, k) for k in range(len(episode.support))])
+        losses += learner.adapt([episode_loss(objective, pools[episode.task].batch(episode.indices(k)), episode, k)
+                                 for k in range(len(episode.support))])
         learner.accumulate(None)
     learner.finish(2)
     outer.step()

@@ -264,7 +264,8 @@ class Workload:
             learner.begin()
             timed["begin"] += time.perf_counter() - started
             for episode in episodes:
-                learner.adapt([episode_loss(self.objective, data, episode, k) for k in range(len(episode.support))])
+                learner.adapt([episode_loss(self.objective, data[episode.task].batch(episode.indices(k)), episode, k)
+                               for k in range(len(episode.support))])
                 started = time.perf_counter()
                 learner.accumulate(None)
                 timed["accumulate"] += time.perf_counter() - started

@@ -64,6 +64,9 @@ class RunConfig:
     report_to: Literal["tensorboard", "none"] = "tensorboard"
     logging_dir: str = "logs"
     num_threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    # processes that read the next steps' batches while the model trains (0: read in the loop, no read-ahead)
+    dataloader_num_workers: int = 0
+    dataloader_prefetch_factor: int = 2  # steps read ahead per worker
 
     def __post_init__(self) -> None:
         check(self.resolution >= 8, "resolution", self.resolution, "an integer >= 8")
@@ -74,6 +77,10 @@ class RunConfig:
                   "a positive integer (validation_steps: 0 turns validation off)")
         check(self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1, "checkpoints_total_limit",
               self.checkpoints_total_limit, "null or a positive integer")
+        check(self.dataloader_num_workers >= 0, "dataloader_num_workers", self.dataloader_num_workers,
+              ">= 0 (0 reads batches in the training loop)")
+        check(self.dataloader_prefetch_factor >= 1, "dataloader_prefetch_factor", self.dataloader_prefetch_factor,
+              "a positive integer")
 
 
 @dataclass

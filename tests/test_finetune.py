@@ -126,9 +126,10 @@ def test_save_steps_and_resume(full_run, tiny_sd_dir, tmp_path):
     assert any(not torch.equal(step1[k], step2[k]) for k in step1)
     assert any(not torch.equal(step2[k], final[k]) for k in step2)
 
-    # Batches and noise are functions of (seed, step): resuming at step 15 elsewhere gives the same weights.
+    # Batches and noise are functions of (seed, step): resuming at step 15 elsewhere gives the same weights,
+    # also with the batches read ahead by a DataLoader worker.
     out = tmp_path / "resumed"
-    run_script(finetune_args(tiny_sd_dir, out, "max_train_steps=30", "learning_rate=2e-3",
+    run_script(finetune_args(tiny_sd_dir, out, "max_train_steps=30", "learning_rate=2e-3", "dataloader_num_workers=1",
                              f"resume_from_checkpoint={full_run / 'checkpoint-15'}"))  # fmt: skip
     resumed = _weights(out)
     assert all(torch.equal(resumed[k], final[k]) for k in final)

@@ -81,12 +81,13 @@ def test_two_processes_equal_one_process(reference_run, tiny_sd_dir, tmp_path):
     """gloo on CPU: each process adapts on its own task, the meta-gradient is averaged by one all-reduce.
 
     With 2 tasks per meta-step the sum is a + b in both runs, so the result is bit-identical. Validation
-    runs on rank 0 only (rank 1 waits) and must neither deadlock nor change the training.
+    runs on rank 0 only (rank 1 waits) and must neither deadlock nor change the training; nor may reading the
+    batches ahead in a DataLoader worker (the reference reads them in the loop).
     """
     out = tmp_path / "two"
     run_script(torchrun("meta_train.py", *meta_train_args(
         tiny_sd_dir, out, "meta.max_meta_steps=6", "validation_steps=3", "num_validation_images=1",
-        "validation_inference_steps=2"), nproc=2), env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
+        "validation_inference_steps=2", "dataloader_num_workers=1"), nproc=2), env={"ACCELERATE_USE_CPU": "1"})  # fmt: skip
     _assert_same_weights(out, reference_run)
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png", "step-000006.png"]
     # The logged losses are means over every task of every process, not rank 0's own task's.
@@ -145,7 +146,8 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, tiny_sd_dir, tm
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoint-2").is_dir(), "no checkpoint-2 was written"
-    run_script([*args, "meta.max_meta_steps=6", f"resume_from_checkpoint={out / 'checkpoint-2'}"])
+    run_script([*args, "meta.max_meta_steps=6", f"resume_from_checkpoint={out / 'checkpoint-2'}",
+                "dataloader_num_workers=2"])  # read-ahead from the resumed step on, by two workers in turn
     _assert_same_weights(out, reference_run)
 
 

@@ -99,13 +99,13 @@ def test_a_nan_on_rank_1_stops_both_processes(algorithm, tiny_sd_dir, exploding_
 
 
 def test_a_bad_sample_read_during_training_stops_both_processes(tiny_sd_dir, tmp_path):
-    """A file of one task breaks after start-up (the data is read lazily, batch by batch): whichever process
-    reads it next says so, the other stops in the same meta-step."""
+    """A file of one task breaks after start-up (the data is read lazily, batch by batch, here by a DataLoader
+    worker): whichever process reads it next says so in one line, the other stops in the same meta-step."""
     data = _task_folders(tmp_path / "data", {"canny": 0, "depth": 0})
     out = tmp_path / "out"
     proc = _launch(meta_train_args(tiny_sd_dir, out, "data.source=imagefolder", f"data.train_data_dir={data}",
                                    "data.tasks=[canny, depth]", "meta.max_meta_steps=100000", "checkpointing_steps=1",
-                                   "cache=none"), tmp_path / "logs")  # fmt: skip
+                                   "cache=none", "dataloader_num_workers=1"), tmp_path / "logs")  # fmt: skip
     deadline = time.monotonic() + TIMEOUT
     while not list(out.glob("checkpoint-*")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)

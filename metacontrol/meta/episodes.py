@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from metacontrol.config_loader import ConfigError
-from metacontrol.data.pools import TaskData
+from metacontrol.data.loader import StepPlan
 from metacontrol.objective import ControlNetObjective, check_finite
 
 
@@ -28,6 +28,10 @@ class Episode:
     support: tuple[tuple[int, ...], ...]
     query: tuple[int, ...]
     run_seed: int = 0
+
+    def indices(self, phase: int) -> tuple[int, ...]:
+        """The sample indices of inner step ``phase`` (-1: the query batch)."""
+        return self.query if phase < 0 else self.support[phase]
 
     def seed(self, phase: int) -> int:
         """A seed for the noise/timestep RNG of inner step ``phase`` (-1: the query batch)."""
@@ -84,20 +88,26 @@ class TaskSampler:
         return [self.episode(meta_step, slot, tasks[slot])
                 for slot in range(self.process_index, self.tasks_per_step, self.num_processes)]
 
+    def batches_of_step(self, meta_step: int, query: bool = True) -> StepPlan:
+        """The batches this process reads in a meta-step, keyed ``(slot, phase)`` (phase -1: the query batch),
+        for ``planned_batches`` to read ahead; ``query=False`` when the algorithm never uses one (Reptile, joint)."""
+        return {(e.slot, phase): (e.task, e.indices(phase))
+                for e in self.episodes(meta_step)
+                for phase in (*range(self.inner_steps), *((-1,) if query else ()))}
 
-def episode_loss(objective: ControlNetObjective, data: dict[str, TaskData], episode: Episode,
-                 phase: int) -> Callable[[], torch.Tensor]:
-    """The loss of one batch of an episode (``phase`` k: support batch k; -1: the query batch), as a closure.
+
+def episode_loss(objective: ControlNetObjective, batch: dict, episode: Episode, phase: int) -> Callable[[], torch.Tensor]:
+    """The loss of an episode's ``batch`` of ``phase`` (k: support batch k; -1: the query batch), as a closure.
 
     ``MetaLearner`` takes closures so it can compute a loss again (after an fp16 overflow) and get the same
     one: the noise is seeded by (seed, meta-step, slot, phase). A NaN/inf names where it happened.
     """
-    indices = episode.query if phase < 0 else episode.support[phase]
+    indices = episode.indices(phase)
     where = "query batch" if phase < 0 else f"inner step {phase}"
 
     def compute() -> torch.Tensor:
         generator = torch.Generator().manual_seed(episode.seed(phase))
-        loss = objective.loss(data[episode.task].batch(indices), generator)
+        loss = objective.loss(batch, generator)
         return check_finite(loss, f"meta-step {episode.meta_step}, task {episode.task!r}, {where}, "
                                   f"sample indices {list(indices)}")
 

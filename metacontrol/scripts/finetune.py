@@ -17,6 +17,7 @@ import argparse
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from metacontrol.checkpointing import TrainingProgress, TrainingState, save_training_state, stop_on_signals
 from metacontrol.config import SCRIPT_CONFIGS, FinetuneConfig
 from metacontrol.config_loader import ConfigError, config_argument_parser, load_config
+from metacontrol.data.loader import StepPlan, planned_batches
 from metacontrol.data.sources import load_task_data
 from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
 from metacontrol.lora import add_lora, controlnet_of, load_lora
@@ -62,6 +64,11 @@ def step_batch(cfg: FinetuneConfig, step: int, process: int) -> tuple[list[int],
     return [int(i) for i in indices], torch.Generator().manual_seed(int(noise_seed.generate_state(1)[0]))
 
 
+def step_plan(cfg: FinetuneConfig, step: int, process: int) -> StepPlan:
+    """A step's one batch, for ``planned_batches`` to read ahead."""
+    return {"batch": (cfg.condition, step_batch(cfg, step, process)[0])}
+
+
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     cfg = load_config(FinetuneConfig, args.config, args.overrides)
@@ -74,7 +81,6 @@ def main(argv: list[str] | None = None) -> Path:
                           show_progress=accelerator.is_local_main_process, count=cfg.shots, start=cfg.shot_offset)
     validating = cfg.validation_steps > 0 and accelerator.is_main_process  # only the main process draws grids
     samples = validation_samples(cfg, data, cfg.num_validation_images, cfg.resolution) if validating else {}
-    shots = data[cfg.condition]
 
     # -- what trains: unfrozen parameters (full) or adapters + zero convolutions (lora) -------------
     total = sum(p.numel() for p in controlnet.parameters())
@@ -129,10 +135,13 @@ def main(argv: list[str] | None = None) -> Path:
                desc=f"finetune {cfg.condition} ({cfg.mode})", disable=not accelerator.is_local_main_process)
     start, first_step = time.time(), progress.step
     restore_signals = stop_on_signals(progress, output_dir, "step")  # Ctrl-C says how to resume
+    # The steps' batches, read ahead by `dataloader_num_workers` workers in the order used below.
+    reads = planned_batches(data, partial(step_plan, cfg, process=accelerator.process_index), progress.step,
+                            cfg.max_train_steps, cfg.dataloader_num_workers, cfg.dataloader_prefetch_factor)
     while progress.step < cfg.max_train_steps:
         indices, generator = step_batch(cfg, progress.step, accelerator.process_index)
         with agreed(accelerator, f"step {progress.step + 1}"):  # before backward's all-reduce
-            loss = check_finite(objective.loss(shots.batch(indices), generator),
+            loss = check_finite(objective.loss(next(reads)["batch"], generator),
                                 f"step {progress.step + 1}, condition {cfg.condition!r}, sample indices {indices} "
                                 f"(process {accelerator.process_index})")
         accelerator.backward(loss)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from metacontrol.checkpointing import TrainingProgress, TrainingState, save_training_state, stop_on_signals
 from metacontrol.config import SCRIPT_CONFIGS, MetaTrainConfig
 from metacontrol.config_loader import config_argument_parser, load_config
+from metacontrol.data.loader import planned_batches
 from metacontrol.data.sources import load_task_data
 from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
 from metacontrol.lora import add_lora, controlnet_of
@@ -106,15 +108,20 @@ def main(argv: list[str] | None = None) -> Path:
     start, first_step = time.time(), progress.step
     logs: dict[str, float] = {}
     restore_signals = stop_on_signals(progress, output_dir, "meta-step")  # Ctrl-C says how to resume
+    # The meta-steps' batches, read ahead by `dataloader_num_workers` workers in the order used below.
+    reads = planned_batches(data, partial(sampler.batches_of_step, query=m.algorithm == "fomaml"), progress.step,
+                            m.max_meta_steps, cfg.dataloader_num_workers, cfg.dataloader_prefetch_factor)
     while progress.step < m.max_meta_steps:
         episodes = sampler.episodes(progress.step)
         losses: dict[str, list[float]] = {key: [] for key in loss_keys}
         where = f"meta-step {progress.step}"  # 0-based, as episodes name it
+        with agreed(accelerator, where):  # a bad sample stops every process, not only the one that read it
+            batches = next(reads)
         if joint:  # inner_steps plain steps, each on one batch of every task: same data budget
             for k in range(m.inner_steps):
                 with agreed(accelerator, where):  # every process learns of a failure before the all-reduce
                     for e, loss in zip(episodes, learner.joint_gradients(
-                            [episode_loss(objective, data, e, k) for e in episodes])):
+                            [episode_loss(objective, batches[e.slot, k], e, k) for e in episodes])):
                         losses["loss"].append(loss)
                         losses[f"loss/{e.task}"].append(loss)
                 learner.finish(m.tasks_per_meta_step, reduce_sum)
@@ -123,8 +130,10 @@ def main(argv: list[str] | None = None) -> Path:
             with agreed(accelerator, where):
                 learner.begin()
                 for e in episodes:
-                    inner = learner.adapt([episode_loss(objective, data, e, k) for k in range(m.inner_steps)])
-                    query = learner.accumulate(episode_loss(objective, data, e, -1) if m.algorithm == "fomaml" else None)
+                    inner = learner.adapt([episode_loss(objective, batches[e.slot, k], e, k)
+                                           for k in range(m.inner_steps)])
+                    query = learner.accumulate(episode_loss(objective, batches[e.slot, -1], e, -1)
+                                               if m.algorithm == "fomaml" else None)
                     for key in ("inner_loss", f"inner_loss/{e.task}"):
                         losses[key].append(sum(inner) / len(inner))
                     if query is not None:
