@@ -7,9 +7,12 @@ Reptile, FOMAML, ...) and fine-tuning seed it fine-tunes with the same data, see
 (``train/finetune.py`` in a subprocess, saving the ControlNet at every evaluated step count; seed s
 trains on its own shots, scenes ``s * shots ..``, and its own noise), then scores every saved step
 on the same held-out scenes with the same generation noise (step 0 = the initialisation itself,
-zero-shot). Per point it reports the mean control score with a 95% bootstrap interval over scenes and
-seeds; per pair of initialisations the paired difference with its interval; per curve the steps to
-fixed absolute control scores and the area under the curve over the first ``auc_budget`` steps.
+zero-shot). With ``data.source`` a photo source (``imagefolder``, ``hf``, ``prepared``: the training
+sources' keys) the held-out samples are its first ``settings.num_samples`` photos and seed s trains on
+the photos from ``num_samples + s * shots`` on, so no held-out photo is ever a shot. Per point it
+reports the mean control score with a 95% bootstrap interval over scenes and seeds; per pair of
+initialisations the paired difference with its interval; per curve the steps to fixed absolute
+control scores and the area under the curve over the first ``auc_budget`` steps.
 The tables go to ``output_dir/adaptation-<name>.md`` (and .json, .png), and with the plot and every
 setting to a self-contained ``output_dir/adaptation-<name>/report.html``.
 
@@ -38,10 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from metacontrol.atomic import atomic_files  # noqa: E402
+from metacontrol.config import SourceConfig  # noqa: E402
 from metacontrol.config_loader import ConfigError, check, config_argument_parser, load_config  # noqa: E402
 from metacontrol.controlnet import create_controlnet  # noqa: E402
 from metacontrol.errors import run_main  # noqa: E402
-from metacontrol.eval.harness import EvalSettings, Evaluator, synthetic_eval_sets  # noqa: E402
+from metacontrol.eval.harness import EvalSettings, Evaluator, check_held_out_source, held_out_sets  # noqa: E402
 from metacontrol.eval.report import (  # noqa: E402
     Table,
     bounds_table,
@@ -52,7 +56,7 @@ from metacontrol.eval.report import (  # noqa: E402
 )
 from metacontrol.eval.statistics import Interval, Resampler, mean_curve, paired_difference, summarise  # noqa: E402
 from metacontrol.models.base import load_base_model  # noqa: E402
-from metacontrol.world import WorldConfig  # noqa: E402
+from metacontrol.world import SceneOptions, WorldConfig  # noqa: E402
 
 logger = logging.getLogger("bench.adaptation")
 
@@ -74,7 +78,9 @@ class AdaptationBenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fine-tuning seeds (shots and noise)
     train_batch_size: int = 8
     learning_rate: float = 5e-4
-    world: WorldConfig = field(default_factory=WorldConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)  # synthetic scenes: the shots' and the held-out ones
+    data: SourceConfig = field(default_factory=SourceConfig)  # or photos: the training sources' keys
+    resolution: int | None = None  # of photos; null: world.resolution
     settings: EvalSettings = field(default_factory=EvalSettings)
     thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5])  # absolute control scores
     auc_budget: int = 100  # the mission's budget: mean control score over steps 0..100
@@ -85,6 +91,7 @@ class AdaptationBenchConfig:
     num_threads: int = 1  # per process: a shared CPU slows multi-threaded torch far more than one thread
 
     def __post_init__(self) -> None:
+        check_held_out_source(self.data)
         check(self.steps == sorted(set(self.steps)) and self.steps[0] == 0, "steps", self.steps,
               "an increasing list starting at 0")
         check(self.auc_budget in self.steps[1:], "auc_budget", self.auc_budget, f"one of the steps {self.steps[1:]}")
@@ -112,18 +119,27 @@ def finetune(cfg: AdaptationBenchConfig, label: str, condition: str, shots: int,
     """One fine-tuning run in its own process, saving the ControlNet at every evaluated step count."""
     init = cfg.initialisations[label]
     save_steps = [s for s in cfg.steps if s > 0]
+    first_shot = (0 if cfg.data.source == "synthetic" else cfg.settings.num_samples) + seed * shots
     args = [
         sys.executable, str(REPO / "train/finetune.py"), "--config", str(REPO / "configs/finetune_tiny.yaml"),
         f"pretrained_model_name_or_path={cfg.pretrained_model_name_or_path}",
         f"controlnet_model_name_or_path={init if init is not None else 'null'}",
-        f"output_dir={out}", f"condition={condition}", f"shots={shots}", f"shot_offset={seed * shots}",
+        f"output_dir={out}", f"condition={condition}", f"shots={shots}", f"shot_offset={first_shot}",
         f"max_train_steps={cfg.steps[-1]}", f"train_batch_size={cfg.train_batch_size}",
         f"learning_rate={cfg.learning_rate}", f"seed={seed}", f"save_steps={json.dumps(save_steps)}",
         "validation_steps=0", "report_to=none", "mode=full", f"checkpointing_steps={cfg.steps[-1]}",
-        f"resolution={cfg.world.resolution}",
+        f"resolution={cfg.resolution or cfg.world.resolution}", *source_overrides(cfg),
         f"num_threads={cfg.num_threads}", *cfg.finetune_overrides.get(label, []),
     ]  # fmt: skip
     subprocess.run(args, cwd=REPO, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def source_overrides(cfg: AdaptationBenchConfig) -> list[str]:
+    """train/finetune.py's source keys (top-level there) for the bench's source and scene options."""
+    source = {key: value for key, value in asdict(cfg.data).items() if key != "world"}
+    source["annotators"] = cfg.data.annotators or cfg.settings.annotators
+    scene = {f"world.{key}": getattr(cfg.world, key) for key in SceneOptions.__dataclass_fields__}
+    return [f"{key}={json.dumps(value)}" for key, value in (source | scene).items()]
 
 
 def score_folder(evaluator: Evaluator, base, folder: str | None, condition: str, path: Path) -> dict[str, list]:
@@ -173,7 +189,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         if cfg.initialisations[label] is not None:
             create_controlnet(base.unet, base.vae_scale_factor, cfg.initialisations[label])
     start = time.time()
-    evaluator = Evaluator(base, synthetic_eval_sets(cfg.conditions, cfg.world, cfg.settings), cfg.settings)
+    eval_sets = held_out_sets(cfg.conditions, cfg.world, cfg.data, cfg.resolution, cfg.settings, base)
+    evaluator = Evaluator(base, eval_sets, cfg.settings)
     zero_shot = list(itertools.product(cfg.conditions, labels))
     runs = list(itertools.product(cfg.shots, cfg.conditions, labels, cfg.seeds))
     jobs = [("zero", j) for j in zero_shot] + [("run", j) for j in runs]
@@ -305,7 +322,7 @@ def analyse(cfg: AdaptationBenchConfig, evaluator: Evaluator, work: Path) -> dic
                      for a, b in compared_pairs(cfg)}
             # the colour-based layout mIoU, a secondary column kept for comparison with earlier results
             layout = {lab: mean_curve(score_matrix(cfg, work, shots, condition, lab, "layout_miou")).tolist()
-                      for lab in labels}
+                      for lab in labels} if evaluator.eval_sets[condition].scenes else {}  # photos: no layout
             per_condition[condition] = {"curves": curves, "paired_differences": pairs, "layout_miou": layout}
         regimes[str(shots)] = per_condition
     return {"config": asdict(cfg), "control_metrics": {c: list(evaluator.eval_sets[c].control_metrics) for c in cfg.conditions},

@@ -139,3 +139,26 @@ def test_card_gets_the_measured_curve_of_its_start(bench):
     zero, two = seg["curves"]["perturbed"]["points"]
     assert row.startswith(f"| seg | {zero['estimate']:.3f} [{zero['low']:.3f}, {zero['high']:.3f}] | {two['estimate']:.3f}")
     assert "measured scores of 'perturbed' written" in report.stdout
+
+
+def test_photo_source_holds_out_the_first_photos_and_trains_each_seed_on_later_ones(tiny_sd_dir, tmp_path):
+    from metacontrol.data.sample_photos import write_photo_folder
+
+    photos = write_photo_folder(tmp_path / "photos", size=32)
+    args = [PYTHON, "bench/adaptation.py", "--quick", f"pretrained_model_name_or_path={tiny_sd_dir}",
+            "initialisations={standard: null}", "conditions=[canny]", "data.source=imagefolder",
+            f"data.train_data_dir={photos}", "resolution=32", "settings.num_samples=2", "steps=[0, 1]",
+            "auc_budget=1", "shots=[2]", "train_batch_size=2", f"output_dir={tmp_path / 'out'}",
+            f"work_dir={tmp_path / 'work'}"]  # fmt: skip
+    run_script(args)
+    runs = [tmp_path / f"work/quick/shots-2/canny/standard/seed-{seed}" for seed in (0, 1)]
+    configs = [yaml.safe_load((r / "finetune_config.yaml").read_text()) for r in runs]
+    # 2 held-out photos, then 2 shots a seed: photos 2-3 and 4-5, never a held-out one
+    assert [(c["source"], c["train_data_dir"], c["shot_offset"], c["resolution"]) for c in configs] == [
+        ("imagefolder", str(photos), 2, 32), ("imagefolder", str(photos), 4, 32)]
+    zero = json.loads((tmp_path / "work/quick/zero-shot/canny/standard.json").read_text())
+    assert len(zero["canny_f1"]) == 2 and "layout_miou" not in zero  # photos: the fidelity metric, no scene metrics
+    results = json.loads((tmp_path / "out/adaptation-quick.json").read_text())
+    assert results["control_metrics"] == {"canny": ["canny_f1"]}
+    # The standard initialisation adds nothing before training: the floor's images, so the floor's canny F1.
+    assert np.mean(zero["canny_f1"]) == pytest.approx(results["floor"]["canny"]["canny_f1"])

@@ -154,6 +154,21 @@ def photo_eval_sets(conditions: list[str], source: SourceConfig, resolution: int
     return out
 
 
+def held_out_sets(conditions: list[str], world: WorldConfig, data: SourceConfig, resolution: int | None,
+                  settings: EvalSettings, base: BaseModel) -> dict[str, EvalSet]:
+    """The evaluation's held-out samples: synthetic test scenes of ``world`` (``data.source: synthetic``), else
+    the first ``settings.num_samples`` photos of ``data`` at ``resolution`` (null: the world's)."""
+    if data.source == "synthetic":
+        return synthetic_eval_sets(conditions, world, settings)
+    return photo_eval_sets(conditions, data, resolution or world.resolution, settings, base)
+
+
+def check_held_out_source(data: SourceConfig) -> None:
+    """At config load: the synthetic scenes of an evaluation are set by its ``world.*``, not ``data.world``."""
+    check(data.world == SourceConfig().world, "data.world", data.world,
+          "unset: evaluation's synthetic scenes are set by world.*")
+
+
 def fidelity(eval_set: EvalSet, index: int, generated: np.ndarray, annotators: str | None,
              device: str | None = None) -> dict[str, float]:
     """The condition's annotator on a generated image vs on its ground truth, by the condition's fidelity metric

@@ -35,7 +35,7 @@ from metacontrol.conditions import get_condition
 from metacontrol.config import SourceConfig
 from metacontrol.config_loader import ConfigError, check, config_argument_parser, load_config
 from metacontrol.controlnet import create_controlnet
-from metacontrol.eval.harness import EvalSettings, Evaluator, photo_eval_sets, synthetic_eval_sets
+from metacontrol.eval.harness import EvalSettings, Evaluator, check_held_out_source, held_out_sets
 from metacontrol.eval.report import (
     Sample,
     bounds_table,
@@ -71,8 +71,7 @@ class EvaluateConfig:
         check(len(self.controlnets) >= 1, "controlnets", self.controlnets, "at least one ControlNet folder")
         for name in self.conditions:
             get_condition(name)  # unknown names fail here, naming the known ones
-        check(self.data.world == SourceConfig().world, "data.world", self.data.world,
-              "unset: evaluation's synthetic scenes are set by world.*")
+        check_held_out_source(self.data)
         check(self.resolution is None or self.resolution >= 8, "resolution", self.resolution, "null or >= 8")
 
 
@@ -95,10 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                    .eval() for p in cfg.controlnets}
     if len(controlnets) != len(cfg.controlnets):
         raise ConfigError(f"controlnets: folder names must be unique (they label the results): {cfg.controlnets}")
-    if cfg.data.source == "synthetic":
-        eval_sets = synthetic_eval_sets(cfg.conditions, cfg.world, cfg.settings)
-    else:
-        eval_sets = photo_eval_sets(cfg.conditions, cfg.data, cfg.resolution or cfg.world.resolution, cfg.settings, base)
+    eval_sets = held_out_sets(cfg.conditions, cfg.world, cfg.data, cfg.resolution, cfg.settings, base)
     evaluator = Evaluator(base, eval_sets, cfg.settings, accelerator)
 
     out = Path(cfg.output_dir)
