@@ -85,7 +85,7 @@ def read_set(out: Path) -> None:
 
     before = _rss_mb()
     data = PreparedTaskData(out, "canny", RESOLUTION)
-    data.cached = data.stored_encodings("bench")  # type: ignore[assignment]
+    data.cached = data.stored_encodings("bench", ("text_embeds",))  # type: ignore[assignment]
     rng = np.random.default_rng(0)
     started = time.perf_counter()
     for _ in range(BATCHES):

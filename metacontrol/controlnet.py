@@ -8,6 +8,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from metacontrol.atomic import atomic_files
 from metacontrol.config_loader import ConfigError
+from metacontrol.families import SD, ModelFamily
 from metacontrol.models.base import load_failure, local_folder
 
 # Stable Diffusion's conditioning-embedding widths; it downsamples by 2 per entry after the first.
@@ -26,7 +27,8 @@ def check_compatible(controlnet: ControlNetModel, unet: UNet2DConditionModel, va
                      source: str) -> None:
     """Fail before training if a ControlNet was made for another base model."""
     problems = []
-    for key in ("cross_attention_dim", "block_out_channels", "down_block_types", "layers_per_block", "in_channels"):
+    for key in ("cross_attention_dim", "block_out_channels", "down_block_types", "layers_per_block", "in_channels",
+                "addition_embed_type", "projection_class_embeddings_input_dim"):  # the last two: SDXL's
         mine, theirs = controlnet.config.get(key), unet.config.get(key)
         if key == "down_block_types" and mine is not None:
             mine, theirs = [b.replace("Cross", "") for b in mine], [b.replace("Cross", "") for b in theirs]
@@ -55,16 +57,18 @@ def create_controlnet(unet: UNet2DConditionModel, vae_scale_factor: int, path: s
     return controlnet
 
 
-def model_card(title: str, fields: dict[str, object], body: str = "") -> str:
-    """A short README.md for a saved ControlNet: what it is, how it was made, how to load it."""
+def model_card(title: str, fields: dict[str, object], body: str = "", family: ModelFamily = SD) -> str:
+    """A short README.md for a saved ControlNet: what it is, how it was made, how to load it (in ``family``'s
+    ControlNet pipeline)."""
     rows = "\n".join(f"| {k} | {v} |" for k, v in fields.items())
+    pipeline = family.controlnet_pipeline_class
+    extra = f",\n{' ' * (len(pipeline) + 24)}safety_checker=None" if family is SD else ""
     return (
         "---\nlibrary_name: diffusers\ntags: [controlnet, metacontrol]\n---\n\n"
         f"# {title}\n\n| | |\n|---|---|\n{rows}\n\n{body}\n"
-        "## Load\n\n```python\nfrom diffusers import ControlNetModel, StableDiffusionControlNetPipeline\n"
+        f"## Load\n\n```python\nfrom diffusers import ControlNetModel, {pipeline}\n"
         "controlnet = ControlNetModel.from_pretrained(\"<this folder>\")\n"
-        "pipe = StableDiffusionControlNetPipeline.from_pretrained(\"<base model>\", controlnet=controlnet,\n"
-        "                                                         safety_checker=None)\n```\n"
+        f"pipe = {pipeline}.from_pretrained(\"<base model>\", controlnet=controlnet{extra})\n```\n"
     )
 
 

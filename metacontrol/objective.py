@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel
 
+from metacontrol.families import Embeds
 from metacontrol.models.base import BaseModel
 
 
@@ -52,8 +53,9 @@ class ControlNetObjective:
         return self.autocast() if self.autocast is not None else nullcontext()
 
     @torch.no_grad()
-    def latents_and_text(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sampled, scaled latents and text embeddings; precomputed ones in the batch are used as they are."""
+    def latents_and_text(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, Embeds]:
+        """Sampled, scaled latents and the family's prompt encodings, in the weight dtype; precomputed ones in the
+        batch are used as they are."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(self.device)
@@ -64,24 +66,26 @@ class ControlNetObjective:
             eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(self.device)
             latents = (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
         if "text_embeds" in batch:
-            text = batch["text_embeds"].to(self.device)
+            embeds = {key: batch[key].to(self.device) for key in self.base.family.text_keys}
         else:
-            text = self.base.encode_prompts(list(batch["caption"]))
-        return latents.to(self.weight_dtype), text.to(self.weight_dtype)
+            embeds = self.base.encode_prompts(list(batch["caption"]))
+        return latents.to(self.weight_dtype), {key: value.to(self.weight_dtype) for key, value in embeds.items()}
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        latents, text = self.latents_and_text(batch, generator)
+        latents, embeds = self.latents_and_text(batch, generator)
+        text = embeds["text_embeds"]
         bsz = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device)
         steps = self.base.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (bsz,), generator=generator).to(self.device)
         noisy = self.base.noise_scheduler.add_noise(latents.float(), noise, timesteps).to(self.weight_dtype)
         cond = batch["conditioning_pixel_values"].to(self.device, self.weight_dtype)
+        added = self.base.family.added_conditions(embeds, tuple(cond.shape[-2:]), self.weight_dtype)
         with self._context():
             down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=text, controlnet_cond=cond,
-                                        return_dict=False)
+                                        return_dict=False, **added)
             pred = self.base.unet(
-                noisy, timesteps, encoder_hidden_states=text,
+                noisy, timesteps, encoder_hidden_states=text, **added,
                 down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
                 mid_block_additional_residual=mid.to(self.weight_dtype),
             ).sample  # fmt: skip

@@ -9,12 +9,7 @@ from contextlib import nullcontext
 import diffusers
 import numpy as np
 import torch
-from diffusers import (
-    ControlNetModel,
-    SchedulerMixin,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-)
+from diffusers import ControlNetModel, DiffusionPipeline, SchedulerMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
 from metacontrol.models.base import BaseModel
@@ -34,28 +29,28 @@ def _samples_sd(name: str) -> bool:
 SCHEDULERS: tuple[str, ...] = tuple(filter(_samples_sd, KarrasDiffusionSchedulers.__members__))
 
 
-def base_pipeline(base: BaseModel, scheduler: str = DEFAULT_SCHEDULER) -> StableDiffusionPipeline:
-    """A plain ``StableDiffusionPipeline`` over the in-memory base model (no reload): no control.
+def base_pipeline(base: BaseModel, scheduler: str = DEFAULT_SCHEDULER) -> DiffusionPipeline:
+    """The family's plain pipeline (``StableDiffusionPipeline``...) over the in-memory base model (no reload):
+    no control.
 
     ``scheduler`` (one of ``SCHEDULERS``) is built from the base model's training schedule, so every sampler
     denoises the noise levels the UNet learned.
     """
-    pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-        scheduler=getattr(diffusers, scheduler).from_config(base.noise_scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _quiet(base.family.pipeline(base, _scheduler(base, scheduler), None))
 
 
 def controlnet_pipeline(base: BaseModel, controlnet: ControlNetModel,
-                        scheduler: str = DEFAULT_SCHEDULER) -> StableDiffusionControlNetPipeline:
-    """A ``StableDiffusionControlNetPipeline`` over the in-memory base model (no reload; ``scheduler`` as in
-    ``base_pipeline``)."""
-    pipe = StableDiffusionControlNetPipeline(
-        **base_pipeline(base, scheduler).components, controlnet=controlnet, requires_safety_checker=False,
-    )  # fmt: skip
+                        scheduler: str = DEFAULT_SCHEDULER) -> DiffusionPipeline:
+    """The family's ControlNet pipeline (``StableDiffusionControlNetPipeline``...) over the in-memory base model
+    (no reload; ``scheduler`` as in ``base_pipeline``)."""
+    return _quiet(base.family.pipeline(base, _scheduler(base, scheduler), controlnet))
+
+
+def _scheduler(base: BaseModel, name: str) -> SchedulerMixin:
+    return getattr(diffusers, name).from_config(base.noise_scheduler.config)
+
+
+def _quiet(pipe: DiffusionPipeline) -> DiffusionPipeline:
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -80,7 +75,7 @@ def generate(pipe, prompts: list[str], conditions: list[np.ndarray] | None, seed
     unet_dtype = pipe.unet.dtype
     # Autocast when any part runs in another dtype than the UNet: an fp32 ControlNet under training, and the fp32
     # text encoder (``BaseModel.freeze`` keeps it so) whose embeddings a bf16/fp16 UNet and ControlNet read.
-    parts = [pipe.text_encoder, getattr(pipe, "controlnet", None)]
+    parts = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "controlnet", None)]
     mixed = any(part is not None and part.dtype != unet_dtype for part in parts)
     autocast = torch.autocast(pipe.device.type, dtype=unet_dtype) if mixed else nullcontext()
     if conditions is not None:

@@ -20,6 +20,7 @@ from metacontrol.checkpointing import TrainingState, resolve_resume_path
 from metacontrol.config import RunConfig
 from metacontrol.config_loader import ConfigError, save_config, to_dict
 from metacontrol.controlnet import create_controlnet, model_card
+from metacontrol.families import SD, ModelFamily
 from metacontrol.lora import save_adapted
 from metacontrol.models.base import BaseModel, load_base_model
 from metacontrol.processes import agreed
@@ -130,7 +131,7 @@ def flat_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def save_result(accelerator: Accelerator, model: torch.nn.Module, folder: Path, cfg: RunConfig, title: str,
-                rows: dict[str, object], note: str = "") -> Path:
+                rows: dict[str, object], note: str = "", family: ModelFamily = SD) -> Path:
     """The main process saves ``model`` as a diffusers ControlNet (LoRA: merged, adapter in ``lora/``) with
     a model card: the rows every run states (base, start, precision, seed), then ``rows``. The others wait,
     and stop too if the write fails (``agreed``)."""
@@ -143,6 +144,6 @@ def save_result(accelerator: Accelerator, model: torch.nn.Module, folder: Path, 
                 "resolution": cfg.resolution,
                 "mixed precision": accelerator.mixed_precision,
                 "seed": cfg.seed,
-            }, note)  # fmt: skip
+            }, note, family)  # fmt: skip
             save_adapted(model, folder, card)
     return folder

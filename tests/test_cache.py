@@ -25,7 +25,8 @@ from metacontrol.data.encoding_cache import (
     key_material,
     model_material,
 )
-from metacontrol.data.pools import CACHED_KEYS, DatasetTaskData, TensorPool, synthetic_pools
+from metacontrol.data.pools import DatasetTaskData, TensorPool, cached_keys, synthetic_pools
+from metacontrol.families import SD
 from metacontrol.meta.algorithms import MetaLearner
 from metacontrol.meta.episodes import TaskSampler
 from metacontrol.models.base import BaseModel, load_base_model
@@ -113,7 +114,7 @@ def test_cached_and_uncached_training_give_the_same_losses(base, tmp_path):
     cached = _pools()
     attach_encodings(cached, base, cache_dir=tmp_path, show_progress=False)
     batch = cached["canny"].batch([0, 3])
-    assert set(CACHED_KEYS) <= set(batch) and not set(CACHED_KEYS) & set(uncached["canny"].batch([0, 3]))
+    assert set(cached_keys(SD)) <= set(batch) and not set(cached_keys(SD)) & set(uncached["canny"].batch([0, 3]))
     losses, weights = _meta_train(base, uncached)
     cached_losses, cached_weights = _meta_train(base, cached)
     # Same RNG draws either way; only the VAE's batch size (8 when caching, 2 per step) moves the last bits.
@@ -137,7 +138,7 @@ def test_second_run_reads_disk_and_shared_images_are_encoded_once(base, tmp_path
     second_pools = _pools()  # a new run: same content, new objects
     stores, calls = _attach(second_pools, base, tmp_path, shard_size=3)
     assert calls == 0 and (stores["canny"].loaded, stores["canny"].encoded) == (3, 0)
-    for key in CACHED_KEYS:
+    for key in cached_keys(SD):
         assert torch.equal(second_pools["canny"].cached[key], first_pools["canny"].cached[key])
 
 
@@ -197,7 +198,7 @@ def test_a_corrupt_shard_is_detected_warned_about_and_rebuilt(base, tmp_path, ca
     assert len(warnings) == 1 and str(shard) in warnings[0] and "samples 4-7" in warnings[0]
     assert (stores["canny"].loaded, stores["canny"].encoded) == (1, 1) and calls == 2
     fresh = encode_samples(reloaded["canny"], base, show_progress=False)
-    for key in CACHED_KEYS:
+    for key in cached_keys(SD):
         torch.testing.assert_close(reloaded["canny"].cached[key], fresh[key], rtol=1e-5, atol=1e-6)
 
     caplog.clear()
@@ -217,7 +218,7 @@ def test_an_unreadable_index_reencodes_everything(base, tmp_path, caplog):
 def test_a_reader_process_encodes_in_memory_without_writing(base, tmp_path):
     pools = _pools()
     material = key_material(model_material(base), pools["canny"])
-    store = EncodingStore(tmp_path / "entry", cache_key(material), material, write=False)
+    store = EncodingStore(tmp_path / "entry", cache_key(material), material, cached_keys(SD), write=False)
     encoded = store.load_or_encode(pools["canny"], base, show_progress=False)
     assert store.encoded == 1 and encoded["latent_mean"].shape[0] == POOL
     assert not (tmp_path / "entry").exists()
@@ -282,5 +283,5 @@ def test_the_cache_does_not_depend_on_the_runs_precision(base, tiny_sd_dir, tmp_
     again, calls = _attach(pools, bf16, tmp_path)
     assert again["canny"].directory == stores["canny"].directory and again["canny"].encoded == calls == 0
     fresh = encode_samples(_pools()["canny"], base, show_progress=False)
-    for key in CACHED_KEYS:
+    for key in cached_keys(SD):
         assert torch.equal(pools["canny"].cached[key], fresh[key])

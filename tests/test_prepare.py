@@ -47,7 +47,7 @@ def test_prepared_shards_hold_the_photos_their_maps_and_encodings(prepared, tiny
     table = datasets.load_dataset(str(out / "hed"), split="train")  # as diffusers' train_controlnet.py reads it
     assert table.column_names == ["image", "conditioning_image", "text"] and len(table) == len(lines) == 8
     base = load_base_model(str(tiny_sd_dir))
-    encodings = PreparedTaskData(out, "hed", 32).stored_encodings(_model_key(base))
+    encodings = PreparedTaskData(out, "hed", 32).stored_encodings(_model_key(base), base.family.text_keys)
     for i, line in enumerate(lines):
         image = load_rgb(photos / line["file_name"], 32)
         assert np.array_equal(np.asarray(table[i]["image"]), image) and table[i]["text"] == line["text"]
@@ -57,7 +57,7 @@ def test_prepared_shards_hold_the_photos_their_maps_and_encodings(prepared, tiny
         index = torch.tensor([i])
         torch.testing.assert_close(encodings["latent_mean"][index], mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(encodings["latent_std"][index], std, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(encodings["text_embeds"][index], base.encode_prompts([line["text"]]))
+        torch.testing.assert_close(encodings["text_embeds"][index], base.encode_prompts([line["text"]])["text_embeds"])
     canny = datasets.Dataset.from_file(str(out / "canny" / "shard-00001.arrow"))
     image = load_rgb(photos / lines[3]["file_name"], 32)
     assert np.array_equal(np.asarray(canny[0]["conditioning_image"]), get_condition("canny").annotate(image))
@@ -142,7 +142,7 @@ def test_training_reads_a_prepared_set_memory_mapped_with_its_encodings(prepared
     batch = data["hed"].batch([0, 3])
     assert "pixel_values" not in batch  # the encodings stand in: no image decoded
     whole = PreparedTaskData(out, "hed", 32)
-    full = whole.stored_encodings(_model_key(base))
+    full = whole.stored_encodings(_model_key(base), base.family.text_keys)
     assert torch.equal(batch["latent_mean"], full["latent_mean"][torch.tensor([2, 5])])
     assert batch["caption"] == [whole.captions[2], whole.captions[5]]
     assert isinstance(full["latent_mean"].arrays[0], np.memmap)

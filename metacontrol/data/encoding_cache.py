@@ -5,7 +5,8 @@ every task, inner step, epoch and run: compute them once. The posterior is kept 
 latents used in training are still *sampled* exactly as without the cache.
 
 On disk an entry is ``<cache_dir>/<key>/`` with ``shard-00000.safetensors``... (``latent_mean``,
-``latent_std``, ``text_embeds`` of ``shard_size`` consecutive samples each) and ``index.json`` (the key
+``latent_std`` and the family's prompt encodings, ``text_embeds`` and for SDXL ``pooled_text_embeds``, of
+``shard_size`` consecutive samples each) and ``index.json`` (the key
 material in readable form, each shard's sample range and sha256, the per-sample tensor shapes). The key
 is the sha256 of everything the encodings depend on: the base model (location, VAE and text-encoder
 configs, a hash of all their weights, the tokenizer, the weight dtype, the library versions that run
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from metacontrol.atomic import atomic_write_bytes
 from metacontrol.data.datasets import CACHE_FOLDER
-from metacontrol.data.pools import CACHED_KEYS, TaskData
+from metacontrol.data.pools import TaskData, cached_keys
 from metacontrol.models.base import BaseModel, Encoders
 
 logger = logging.getLogger(__name__)
@@ -90,16 +91,22 @@ def _tokenizer_sha256(tokenizer: Any) -> str:
 
 
 def model_material(base: Encoders | BaseModel) -> dict[str, Any]:
-    """What identifies the encoders of ``base``, for the cache key (computed once per run)."""
-    return {
+    """What identifies the encoders of ``base``, for the cache key (computed once per run). A second text
+    encoder (SDXL) adds its config and tokenizer; SD 1.x/2.x's material is what it always was."""
+    encoders = base if isinstance(base, Encoders) else base.encoders
+    material = {
         "location": base.location,
         "vae_config": _config(base.vae.config),
         "text_encoder_config": _config(base.text_encoder.config),
-        "weights_sha256": _weights_sha256([base.vae, base.text_encoder]),
+        "weights_sha256": _weights_sha256([base.vae, *encoders.text_modules]),
         "tokenizer_sha256": _tokenizer_sha256(base.tokenizer),
         "dtype": str(base.vae.dtype),
         "versions": {name: importlib.metadata.version(name) for name in LIBRARIES},
     }
+    if encoders.text_encoder_2 is not None:
+        material["text_encoder_2_config"] = _config(encoders.text_encoder_2.config)
+        material["tokenizer_2_sha256"] = _tokenizer_sha256(encoders.tokenizer_2)
+    return material
 
 
 def key_material(model: dict[str, Any], data: TaskData) -> dict[str, Any]:
@@ -123,7 +130,7 @@ def default_cache_dir(data: TaskData) -> Path:
 @torch.no_grad()
 def encode_samples(data: TaskData, base: BaseModel, rows: range | None = None, batch_size: int | None = None,
                    show_progress: bool = True, desc: str = "encode") -> dict[str, torch.Tensor]:
-    """VAE posterior mean/std and text embeddings of samples ``rows`` (default: all), fp32 on the CPU.
+    """VAE posterior mean/std and prompt encodings of samples ``rows`` (default: all), fp32 on the CPU.
 
     ``batch_size`` defaults to ``ENCODE_PIXELS`` worth of images, so 512 px data does not exhaust memory.
     """
@@ -131,13 +138,14 @@ def encode_samples(data: TaskData, base: BaseModel, rows: range | None = None, b
     if batch_size is None:
         height, width = data.item_tensors([rows.start])["pixel_values"].shape[-2:]
         batch_size = max(1, min(64, ENCODE_PIXELS // (height * width)))
-    out: dict[str, list[torch.Tensor]] = {key: [] for key in CACHED_KEYS}
+    out: dict[str, list[torch.Tensor]] = {key: [] for key in cached_keys(base.family)}
     for start in tqdm(range(rows.start, rows.stop, batch_size), desc=desc, disable=not show_progress):
         batch = data.item_tensors(range(start, min(start + batch_size, rows.stop)))
         mean, std = encode_images(base, batch["pixel_values"])
         out["latent_mean"].append(mean)
         out["latent_std"].append(std)
-        out["text_embeds"].append(base.encode_prompts(list(batch["caption"])).float().cpu())
+        for key, embeds in base.encode_prompts(list(batch["caption"])).items():
+            out[key].append(embeds.float().cpu())
     return {k: torch.cat(v) for k, v in out.items()}
 
 
@@ -153,7 +161,8 @@ class CorruptShardError(ValueError):
     """A shard whose bytes or shapes are not what the index recorded."""
 
 
-def _read_shard(path: Path, entry: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+def _read_shard(path: Path, entry: dict[str, Any], shapes: dict[str, list[int]],
+                keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The shard's tensors, after checking its sha256 against the index and every shape and dtype."""
     try:
         raw = path.read_bytes()
@@ -163,7 +172,7 @@ def _read_shard(path: Path, entry: dict[str, Any], shapes: dict[str, list[int]])
         raise CorruptShardError("its sha256 differs from the index")
     tensors = safetensors.torch.load(raw)
     rows = entry["stop"] - entry["start"]
-    for key in CACHED_KEYS:
+    for key in keys:
         tensor = tensors.get(key)
         if tensor is None or tensor.dtype != torch.float32 or list(tensor.shape) != [rows, *shapes[key]]:
             found = "missing" if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
@@ -176,12 +185,12 @@ class EncodingStore:
 
     ``write=False`` (processes other than the local main one, read-only disks) still rebuilds bad or
     missing shards, in memory only. ``loaded`` and ``encoded`` count this process's shards, for logs
-    and tests.
+    and tests. ``keys``: the tensors of a sample (``pools.cached_keys`` of the base's family).
     """
 
-    def __init__(self, directory: Path, key: str, material: dict[str, Any], write: bool = True,
-                 shard_size: int = DEFAULT_SHARD_SIZE) -> None:
-        self.directory, self.key, self.material = directory, key, material
+    def __init__(self, directory: Path, key: str, material: dict[str, Any], keys: tuple[str, ...],
+                 write: bool = True, shard_size: int = DEFAULT_SHARD_SIZE) -> None:
+        self.directory, self.key, self.material, self.keys = directory, key, material, keys
         self.write, self.shard_size = write, shard_size
         self.loaded = self.encoded = 0
 
@@ -194,7 +203,7 @@ class EncodingStore:
             index = json.loads(path.read_text())
             ranges = [(s["start"], s["stop"]) for s in index["shards"]]
             valid = (index["key"] == self.key and index["num_samples"] == num_samples
-                     and ranges == self._ranges(num_samples) and set(index["shapes"]) == set(CACHED_KEYS)
+                     and ranges == self._ranges(num_samples) and set(index["shapes"]) == set(self.keys)
                      and all(isinstance(s["sha256"], str) for s in index["shards"]))
         except (OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("encoding cache index %s is unreadable (%s); re-encoding everything", path, err)
@@ -231,7 +240,7 @@ class EncodingStore:
             if index is not None:
                 entry = index["shards"][number]
                 try:
-                    tensors = _read_shard(self.directory / name, entry, index["shapes"])
+                    tensors = _read_shard(self.directory / name, entry, index["shapes"], self.keys)
                     self.loaded += 1
                     entries.append(entry)
                 except CorruptShardError as err:
@@ -242,13 +251,13 @@ class EncodingStore:
                                          desc=desc)
                 self.encoded += 1
                 if self.write:
-                    raw = safetensors.torch.save({k: tensors[k].contiguous() for k in CACHED_KEYS})
+                    raw = safetensors.torch.save({k: tensors[k].contiguous() for k in self.keys})
                     self._store(name, raw)
                     entries.append({"file": name, "start": start, "stop": stop,
                                     "sha256": hashlib.sha256(raw).hexdigest()})
             if not out:  # allocated once the shapes are known: no concatenation, no second copy
                 out = {k: v.new_empty((num_samples, *v.shape[1:])) for k, v in tensors.items()}
-            for key in CACHED_KEYS:
+            for key in self.keys:
                 out[key][start:stop] = tensors[key]
         if self.encoded and self.write:
             index = {"key": self.key, "material": self.material, "num_samples": num_samples,
@@ -275,8 +284,8 @@ def attach_encodings(data: dict[str, TaskData], base: BaseModel, cache_dir: str 
         key = cache_key(material)
         directory = Path(cache_dir if cache_dir is not None else default_cache_dir(task_data)) / key
         if directory not in stores:
-            stores[directory] = EncodingStore(directory, key, material, write=state.is_local_main_process,
-                                              shard_size=shard_size)
+            stores[directory] = EncodingStore(directory, key, material, cached_keys(base.family),
+                                              write=state.is_local_main_process, shard_size=shard_size)
         used[task] = stores[directory]
     for store in stores.values():
         tasks = [task for task, used_store in used.items() if used_store is store]

@@ -29,9 +29,16 @@ from metacontrol.world import Scene, SceneWorld, WorldConfig
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from metacontrol.families import ModelFamily
+
 logger = logging.getLogger(__name__)
-CACHED_KEYS = ("latent_mean", "latent_std", "text_embeds")
+LATENT_KEYS = ("latent_mean", "latent_std")  # the VAE posterior of a sample's image
 UNKNOWN_EXAMPLES = 5  # unknown words named in the warning
+
+
+def cached_keys(family: ModelFamily) -> tuple[str, ...]:
+    """The tensors an encoded sample has: its VAE posterior and its family's prompt encodings."""
+    return (*LATENT_KEYS, *family.text_keys)
 
 
 class TaskData:

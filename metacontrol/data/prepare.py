@@ -7,8 +7,9 @@ This stage does that work once, split across every process of the launch, and le
     <condition>/shard-00000.arrow  image, conditioning_image (PNG), text: 🤗 datasets' Arrow format, so
                                    ``datasets.load_dataset("<output_dir>/<condition>")`` and diffusers'
                                    ``train_controlnet.py --train_data_dir`` read it as it is
-    encodings/shard-00000/         latent_mean.npy, latent_std.npy (VAE posterior), text_embeds.npy (one
-                                   row per distinct caption of the shard), caption_index.npy (row -> caption)
+    encodings/shard-00000/         latent_mean.npy, latent_std.npy (VAE posterior), text_embeds.npy (and
+                                   SDXL's pooled_text_embeds.npy: one row per distinct caption of the shard),
+                                   caption_index.npy (row -> caption)
     shards/shard-00000.json        written last for a shard: it is done (rows, kept, skipped, seconds)
     index.json                     written last of all: the set is complete (``metacontrol.data.shards`` reads it)
 
@@ -220,10 +221,11 @@ class ShardWriter:
         folder.mkdir(parents=True, exist_ok=True)
         captions = list(self.captions)
         with torch.no_grad():
-            embeds = [self.encoders.encode_prompts(captions[i:i + self.cfg.encode_batch_size]).float().cpu()
+            embeds = [self.encoders.encode_prompts(captions[i:i + self.cfg.encode_batch_size])
                       for i in range(0, len(captions), self.cfg.encode_batch_size)]
         arrays = {key: np.concatenate(parts) for key, parts in self.latents.items()}
-        arrays["text_embeds"] = torch.cat(embeds).numpy() if embeds else np.zeros((0,), np.float32)
+        for key in self.encoders.family.text_keys:
+            arrays[key] = torch.cat([e[key] for e in embeds]).float().cpu().numpy() if embeds else np.zeros((0,), np.float32)
         arrays["caption_index"] = np.asarray(self.caption_index, np.int64)
         for key, array in arrays.items():
             atomic_write(folder / f"{key}.npy", lambda f, a=array: np.save(f, a))
@@ -322,8 +324,8 @@ def _load_encoders(cfg: PrepareConfig, device: torch.device) -> Any:
     from metacontrol.models.base import load_encoders
 
     encoders = load_encoders(cfg.pretrained_model_name_or_path, cfg.revision)
-    encoders.vae.to(device).eval()
-    encoders.text_encoder.to(device).eval()
+    for module in (encoders.vae, *encoders.text_modules):
+        module.to(device).eval()
     return encoders
 
 

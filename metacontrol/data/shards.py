@@ -20,7 +20,7 @@ import torch
 from metacontrol.config_loader import ConfigError
 from metacontrol.data.datasets import to_example
 from metacontrol.data.images import BLACK, pil_to_rgb
-from metacontrol.data.pools import CACHED_KEYS, TaskData, captions_bytes
+from metacontrol.data.pools import LATENT_KEYS, TaskData, captions_bytes
 from metacontrol.data.prepare import ENCODINGS_FOLDER, INDEX_FILE, shard_name
 
 logger = logging.getLogger(__name__)
@@ -100,19 +100,19 @@ class PreparedTaskData(TaskData):
     def captions(self) -> list[str]:
         return self.table.select(self.rows)["text"]
 
-    def stored_encodings(self, model_key: str) -> dict[str, MappedRows] | None:
-        """The prepared encodings, memory-mapped, if ``model_key``'s encoders made them; else None."""
+    def stored_encodings(self, model_key: str, text_keys: tuple[str, ...]) -> dict[str, MappedRows] | None:
+        """The prepared encodings (the VAE posterior and the prompt encodings ``text_keys``, stored once per
+        distinct caption), memory-mapped, if ``model_key``'s encoders made them; else None."""
         if self.index.get("encodings") != model_key:
             if self.index.get("encodings") is not None:
                 logger.warning("%s was encoded by other encoders than this run's; encoding again", self.root)
             return None
         folders = [self.root / ENCODINGS_FOLDER / shard_name(m["shard"]) for m in self.shards]
         arrays = {key: [np.load(f / f"{key}.npy", mmap_mode="r") for f in folders]
-                  for key in (*CACHED_KEYS, "caption_index")}
+                  for key in (*LATENT_KEYS, *text_keys, "caption_index")}
         start = self.rows.start
-        return {"latent_mean": MappedRows(arrays["latent_mean"], start=start),
-                "latent_std": MappedRows(arrays["latent_std"], start=start),
-                "text_embeds": MappedRows(arrays["text_embeds"], arrays["caption_index"], start)}
+        latents = {key: MappedRows(arrays[key], start=start) for key in LATENT_KEYS}
+        return latents | {key: MappedRows(arrays[key], arrays["caption_index"], start) for key in text_keys}
 
     def _decoded(self, row: dict, column: str) -> np.ndarray:
         image = self._features[column].decode_example(row[column])

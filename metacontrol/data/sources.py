@@ -43,7 +43,7 @@ def load_task_data(source: SourceConfig, tasks: list[str], resolution: int, base
     warn_unknown_words(data, base.tokenizer)
     if cache == "latents":
         key = cache_key(model_material(base)) if source.source == "prepared" else None
-        stored = {task: d.stored_encodings(key) for task, d in data.items() if isinstance(d, PreparedTaskData)}
+        stored = {task: d.stored_encodings(key, base.family.text_keys) for task, d in data.items() if isinstance(d, PreparedTaskData)}
         for task, encodings in stored.items():
             if encodings is not None:
                 data[task].cached = encodings  # type: ignore[assignment]

@@ -1,8 +1,10 @@
-"""Loading the frozen base model (VAE, UNet, text encoder, tokenizer, noise schedule) from one place.
+"""Loading the frozen base model (VAE, UNet, text encoders, tokenizers, noise schedule) from one place.
 
 A local diffusers folder (``checkpoints/tiny-sd``, a copy of SD 1.5) and a Hub id go through the same
-``from_pretrained`` calls; only the location differs. Errors name the folder and the missing part.
-``local_folder`` decides which of the two a location is, for base models and ControlNets alike.
+``from_pretrained`` calls; only the location differs. Its family (``metacontrol/families``, from
+``model_index.json``) says which text encoders it has and how prompts are encoded. Errors name the folder
+and the missing part. ``local_folder`` decides which of the two a location is, for base models and
+ControlNets alike.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import transformers
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from huggingface_hub import constants
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
 from metacontrol.config_loader import ConfigError
-
-COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+from metacontrol.families import SD, Embeds, ModelFamily, family_of
 
 
 class _NothingToKeepInFp32(logging.Filter):
@@ -37,21 +40,26 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name: the only shape looked up on
 
 @dataclass
 class Encoders:
-    """The frozen encoders whose outputs are cached (VAE, text encoder, tokenizer): all ``prepare`` loads."""
+    """The frozen encoders whose outputs are cached (VAE, text encoders, tokenizers): all ``prepare`` loads.
+    ``text_encoder_2`` / ``tokenizer_2``: the second pair of the families that have one (SDXL)."""
 
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerBase
     location: str
+    family: ModelFamily = SD
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+
+    @property
+    def text_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Per-token text embeddings (the UNet's cross-attention input), as SD pipelines compute them."""
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.text_encoder.device)  # fmt: skip
-        return self.text_encoder(ids)[0]
+    def encode_prompts(self, prompts: list[str]) -> Embeds:
+        """The family's prompt encodings (per-token ``text_embeds``, and pooled ones where it has them), as its
+        diffusers pipeline computes them."""
+        return self.family.encode_prompts(self, prompts)
 
 
 @dataclass
@@ -64,6 +72,9 @@ class BaseModel:
     tokenizer: PreTrainedTokenizerBase
     noise_scheduler: DDPMScheduler
     location: str
+    family: ModelFamily = SD
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -74,7 +85,7 @@ class BaseModel:
         the mixed-precision weight dtype. The encoders stay fp32: their outputs are cached once per dataset,
         so the cache does not depend on the run's precision, and SD VAEs are ``force_upcast`` (they overflow
         in fp16)."""
-        for module in (self.vae, self.unet, self.text_encoder):
+        for module in (self.vae, self.unet, *self.encoders.text_modules):
             module.requires_grad_(False)
             module.eval()
             module.to(device=device, dtype=dtype if module is self.unet else torch.float32)
@@ -82,9 +93,10 @@ class BaseModel:
 
     @property
     def encoders(self) -> Encoders:
-        return Encoders(self.vae, self.text_encoder, self.tokenizer, self.location)
+        return Encoders(self.vae, self.text_encoder, self.tokenizer, self.location, self.family,
+                        self.text_encoder_2, self.tokenizer_2)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(self, prompts: list[str]) -> Embeds:
         return self.encoders.encode_prompts(prompts)
 
 
@@ -122,34 +134,45 @@ def load_failure(err: OSError) -> str:
     return line + offline
 
 
-def _loader(location: str, revision: str | None, components: tuple[str, ...]) -> tuple[str, dict]:
-    """The folder (or Hub id) to load ``components`` from, after checking a local folder has them."""
+def _cannot_load(location: str, err: OSError) -> ConfigError:
+    """The Hub cannot be reached or has no such repository, or a file is unreadable: one line."""
+    return ConfigError(f"pretrained_model_name_or_path: cannot load {location}: {load_failure(err)}")
+
+
+def _loader(location: str, revision: str | None, skip: tuple[str, ...] = ()) -> tuple[str, dict, ModelFamily]:
+    """The folder (or Hub id) to load from and its family, after checking a local folder has the family's
+    subfolders (less those in ``skip``)."""
     folder = local_folder(location, "pretrained_model_name_or_path: base model folder")
-    if folder is not None and (missing := [c for c in components if not (folder / c).is_dir()]):
+    try:
+        family = family_of(folder, location, revision)
+    except OSError as err:
+        raise _cannot_load(location, err) from None
+    needed = [c for c in family.components if c not in skip]
+    if folder is not None and (missing := [c for c in needed if not (folder / c).is_dir()]):
         raise ConfigError(
-            f"base model folder {location} lacks {', '.join(missing)}; expected a diffusers Stable Diffusion "
-            f"folder with subfolders {', '.join(components)}"
+            f"base model folder {location} lacks {', '.join(missing)}; expected a diffusers "
+            f"{family.pipeline_class} folder with subfolders {', '.join(family.components)}"
         )
-    return (str(folder) if folder is not None else location), ({"revision": revision} if revision else {})
+    return (str(folder) if folder is not None else location), ({"revision": revision} if revision else {}), family
 
 
 def load_encoders(location: str, revision: str | None = None) -> Encoders:
-    """The VAE, text encoder and tokenizer of a base model (no UNet: a third of SD 1.5's bytes saved)."""
-    source, kwargs = _loader(location, revision, ("vae", "text_encoder", "tokenizer"))
+    """The VAE, text encoders and tokenizers of a base model (no UNet: a third of SD 1.5's bytes saved)."""
+    source, kwargs, family = _loader(location, revision, skip=("unet", "scheduler"))
     try:
-        return Encoders(
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs),
-            tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs),
-            location=location,
-        )
-    except OSError as err:  # the Hub cannot be reached or has no such repository, or a file is unreadable
-        raise ConfigError(f"pretrained_model_name_or_path: cannot load {location}: {load_failure(err)}") from None
+        texts: dict[str, Any] = {}
+        for encoder, cls, tokenizer in family.text_encoders:
+            texts[encoder] = getattr(transformers, cls).from_pretrained(source, subfolder=encoder, **kwargs)
+            texts[tokenizer] = AutoTokenizer.from_pretrained(source, subfolder=tokenizer, **kwargs)
+        return Encoders(vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs), location=location,
+                        family=family, **texts)
+    except OSError as err:
+        raise _cannot_load(location, err) from None
 
 
 def load_base_model(location: str, revision: str | None = None) -> BaseModel:
-    """Load the SD components from a local diffusers folder or a Hub id (``revision`` for the Hub)."""
-    source, kwargs = _loader(location, revision, COMPONENTS)
+    """Load a base model's components from a local diffusers folder or a Hub id (``revision`` for the Hub)."""
+    source, kwargs, family = _loader(location, revision)
     encoders = load_encoders(location, revision)
     try:
         return BaseModel(
@@ -159,6 +182,9 @@ def load_base_model(location: str, revision: str | None = None) -> BaseModel:
             tokenizer=encoders.tokenizer,
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
             location=location,
+            family=family,
+            text_encoder_2=encoders.text_encoder_2,
+            tokenizer_2=encoders.tokenizer_2,
         )
-    except OSError as err:  # the Hub cannot be reached or has no such repository, or a file is unreadable
-        raise ConfigError(f"pretrained_model_name_or_path: cannot load {location}: {load_failure(err)}") from None
+    except OSError as err:
+        raise _cannot_load(location, err) from None

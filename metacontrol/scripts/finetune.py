@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> Path:
             "optimiser": f"AdamW lr {cfg.learning_rate} ({cfg.lr_scheduler}), betas ({cfg.adam_beta1}, "
                          f"{cfg.adam_beta2}), batch {cfg.train_batch_size} x {accelerator.num_processes} process(es)",
             "frozen": cfg.freeze,
-        })  # fmt: skip
+        }, family=base.family)  # fmt: skip
 
     # -- the fine-tuning loop --------------------------------------------------------------------------
     objective = ControlNetObjective(base, model, run.weight_dtype, accelerator.autocast)

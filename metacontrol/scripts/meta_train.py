@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> Path:
                         card_rows(cfg, progress.step, logs),
                         "This is an *initialisation*: fine-tune it on a new condition with `train/finetune.py` "
                         "(about 100 steps); edge-like conditions may work zero-shot. Metrics: see "
-                        "`train/evaluate.py` and BENCHMARKS.md of metacontrol.\n\n")
+                        "`train/evaluate.py` and BENCHMARKS.md of metacontrol.\n\n", base.family)
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"meta_train: {m.algorithm} over {', '.join(cfg.data.tasks)} for {progress.step} meta-steps "
