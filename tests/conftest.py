@@ -34,6 +34,21 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A randomly initialised SDXL pipeline folder (two text encoders, text_time UNet, x4 VAE, 32 px)."""
+    import torch
+
+    from metacontrol.models.random_bases import sdxl_pipeline
+    from metacontrol.models.tiny import TinySDConfig
+    from metacontrol.world import vocabulary
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    sdxl_pipeline("tiny", vocabulary(), TinySDConfig(**TINY_TEST_MODEL)).save_pretrained(path)
+    return path
+
+
 def meta_train_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
     """Overrides for a seconds-long meta-training run on the tiny random model."""
     return [
@@ -42,6 +57,16 @@ def meta_train_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> lis
         "meta.inner_steps=2", "meta.support_batch_size=2", "meta.query_batch_size=2", "validation_steps=0",
         "checkpointing_steps=2", "report_to=none", "num_threads=1", f"cache_dir={output_dir.parent / 'cache'}",
         *overrides,
+    ]  # fmt: skip
+
+
+def finetune_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
+    """A seconds-long fine-tuning run on the 32 px tiny random model: 8 shots, batches of 4."""
+    return [
+        PYTHON, "train/finetune.py", f"pretrained_model_name_or_path={tiny_sd_dir}",
+        f"output_dir={output_dir}", "controlnet_model_name_or_path=null", "resolution=32",
+        "shots=8", "train_batch_size=4", "max_train_steps=4", "validation_steps=0",
+        "report_to=none", "num_threads=1", *overrides,
     ]  # fmt: skip
 
 

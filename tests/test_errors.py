@@ -17,8 +17,15 @@ from PIL import Image
 from metacontrol.config_loader import ConfigError
 from metacontrol.data.images import BadSampleError
 from metacontrol.errors import run_main
-from tests.conftest import ACCELERATE_LAUNCH, PYTHON, REPO, meta_train_args, run_script, script_env
-from tests.test_finetune import finetune_args
+from tests.conftest import (
+    ACCELERATE_LAUNCH,
+    PYTHON,
+    REPO,
+    finetune_args,
+    meta_train_args,
+    run_script,
+    script_env,
+)
 
 INTERRUPTED = r"{name}: interrupted at {unit} (\d+) \(the last checkpoint is \S+checkpoint-(\d+)\); resume with " \
               r"resume_from_checkpoint=latest"  # fmt: skip

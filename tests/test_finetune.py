@@ -12,21 +12,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.conftest import PYTHON, REPO, run_script, torchrun
+from tests.conftest import REPO, finetune_args, run_script, torchrun
 from tests.test_captions import caption_folder
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 PROMPT = "a red ball in front of a blue wall on a gray floor"
-
-
-def finetune_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> list[str]:
-    """A seconds-long fine-tuning run on the 32 px tiny random model: 8 shots, batches of 4."""
-    return [
-        PYTHON, "train/finetune.py", f"pretrained_model_name_or_path={tiny_sd_dir}",
-        f"output_dir={output_dir}", "controlnet_model_name_or_path=null", "resolution=32",
-        "shots=8", "train_batch_size=4", "max_train_steps=4", "validation_steps=0",
-        "report_to=none", "num_threads=1", *overrides,
-    ]  # fmt: skip
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import PYTHON, meta_train_args, run_script
-from tests.test_finetune import finetune_args
+from tests.conftest import PYTHON, finetune_args, meta_train_args, run_script
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 

@@ -16,8 +16,8 @@ from metacontrol.data.images import BadSampleError
 from metacontrol.data.pools import DatasetTaskData
 from metacontrol.data.sources import load_task_data
 from metacontrol.models.base import load_base_model
-from tests.conftest import run_script
-from tests.test_finetune import _card_row, finetune_args
+from tests.conftest import finetune_args, run_script
+from tests.test_finetune import _card_row
 
 CAPTIONS = ["a red ball", "a blue box", "a green triangle", "a white person", "a red box", "a blue ball"]
 
