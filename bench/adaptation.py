@@ -146,7 +146,7 @@ def score_folder(evaluator: Evaluator, base, folder: str | None, condition: str,
     """Per-sample scores of one ControlNet folder on one condition, cached as JSON at ``path``."""
     if path.is_file():
         return json.loads(path.read_text())
-    controlnet = create_controlnet(base.unet, base.vae_scale_factor, folder).eval()
+    controlnet = create_controlnet(base, folder).eval()
     scores, _ = evaluator.evaluate_samples(controlnet, condition)
     result = {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in scores.items()}
     with atomic_files(path.parent) as tmp:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     base = load_base_model(cfg.pretrained_model_name_or_path).freeze()
     for label in labels:  # every initialisation must fit the base before any work
         if cfg.initialisations[label] is not None:
-            create_controlnet(base.unet, base.vae_scale_factor, cfg.initialisations[label])
+            create_controlnet(base, cfg.initialisations[label])
     start = time.time()
     eval_sets = held_out_sets(cfg.conditions, cfg.world, cfg.data, cfg.resolution, cfg.settings, base)
     evaluator = Evaluator(base, eval_sets, cfg.settings)

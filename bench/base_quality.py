@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
     start = time.time()
     base = load_base_model(args.model).freeze()
-    quality = base_model_quality(base, WorldConfig(resolution=base.unet.config.sample_size * base.vae_scale_factor),
+    quality = base_model_quality(base, WorldConfig(resolution=base.denoiser.config.sample_size * base.vae_scale_factor),
                                  num_samples=args.samples)
     quality["seconds"] = round(time.time() - start, 1)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ def step_rate() -> float:
     from metacontrol.objective import ControlNetObjective
 
     base = throughput.build_base("sd15").freeze(torch.bfloat16)
-    controlnet = create_controlnet(base.unet, base.vae_scale_factor).train()
+    controlnet = create_controlnet(base).train()
     objective = ControlNetObjective(base, controlnet, torch.bfloat16, lambda: torch.autocast("cpu", torch.bfloat16))
     batch = {"latent_mean": torch.randn(1, 4, LATENT, LATENT), "latent_std": torch.full((1, 4, LATENT, LATENT), 0.1),
              "text_embeds": torch.randn(1, TOKENS, WIDTH),

@@ -69,14 +69,14 @@ def measure(args: argparse.Namespace, device: torch.device, precision: str, xfor
     dtype = weight_dtype_of(mixed)
     base = throughput.build_base("sd15").freeze(dtype, device)
     if xformers:
-        base.unet.enable_xformers_memory_efficient_attention()
+        base.denoiser.enable_xformers_memory_efficient_attention()
     pools = synthetic_pools(WorldConfig(resolution=args.resolution), TASKS, args.pool_size, show_progress=False)
     encodings = encode_samples(pools[TASKS[0]], base, show_progress=False)  # the pools share their images
     for pool in pools.values():
         pool.cached = encodings
-    controlnet = create_controlnet(base.unet, base.vae_scale_factor).to(device).train()
+    controlnet = create_controlnet(base).to(device).train()
     controlnet.enable_gradient_checkpointing()
-    base.unet.enable_gradient_checkpointing()
+    base.denoiser.enable_gradient_checkpointing()
     if xformers:
         controlnet.enable_xformers_memory_efficient_attention()
     params = list(controlnet.parameters())

@@ -160,13 +160,13 @@ def build_base(folder: Path) -> None:
     base = throughput.build_base("sd15")
     built = time.perf_counter() - started
     pipe = StableDiffusionPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.denoiser,
         scheduler=DPMSolverMultistepScheduler.from_config(build_noise_scheduler().config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.save_pretrained(folder, safe_serialization=True)
     size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
-    print(f"UNet {throughput.millions(base.unet)}, VAE {throughput.millions(base.vae)}, text encoder "
+    print(f"UNet {throughput.millions(base.denoiser)}, VAE {throughput.millions(base.vae)}, text encoder "
           f"{throughput.millions(base.text_encoder)} parameters; {size / 2**30:.1f} GiB on disk; "
           f"built in {built:.0f} s, saved in {time.perf_counter() - started - built:.0f} s")
 

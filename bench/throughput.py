@@ -121,7 +121,7 @@ def build_base(model: str) -> BaseModel:
             num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id))  # fmt: skip
-    return BaseModel(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+    return BaseModel(vae=vae, denoiser=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                      noise_scheduler=build_noise_scheduler(), location=f"random:{model}").freeze()
 
 
@@ -158,7 +158,7 @@ class Workload:
 
     def __init__(self, setting: Setting, base: BaseModel, cache_dir: Path) -> None:
         self.setting, self.base = setting, base
-        self.controlnet = create_controlnet(base.unet, base.vae_scale_factor).train()
+        self.controlnet = create_controlnet(base).train()
         self.params = list(self.controlnet.parameters())
         tasks = TASKS[: max(2, setting.tasks_per_meta_step)]
         world = WorldConfig(resolution=setting.resolution)
@@ -239,7 +239,7 @@ class Workload:
                 noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
                 down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=text, return_dict=False,
                                             controlnet_cond=batch["conditioning_pixel_values"])
-                pred = base.unet(noisy, timesteps, encoder_hidden_states=text,
+                pred = base.denoiser(noisy, timesteps, encoder_hidden_states=text,
                                  down_block_additional_residuals=down,
                                  mid_block_additional_residual=mid).sample
                 F.mse_loss(pred.float(), noise.float()).backward()
@@ -345,7 +345,7 @@ def main_table(workload: Workload, seconds: dict[str, list[float]], memory: dict
     base = workload.base
     lines += [
         "",
-        f"- Parameters: ControlNet {millions(workload.controlnet)}, UNet {millions(base.unet)}, "
+        f"- Parameters: ControlNet {millions(workload.controlnet)}, UNet {millions(base.denoiser)}, "
         f"VAE {millions(base.vae)}, text encoder {millions(base.text_encoder)}.",
         f"- Cost structure: per batch of {s.batch_size}, VAE encoding {vae_s:.3f} s + text encoding "
         f"{text_s:.3f} s = {100 * (vae_s + text_s) / step_s:.0f}% of a plain step ({step_s:.2f} s): "

@@ -70,7 +70,7 @@ def generate_image(controlnet: str, control_image: str | Path, prompt: str, base
     if control_map.shape[0] % factor or control_map.shape[1] % factor:
         raise ConfigError(f"{control_image}: {control_map.shape[1]}x{control_map.shape[0]} px; the base model {base} "
                           f"needs sides divisible by {factor} (pass a resolution, e.g. --resolution 64)")
-    net = create_controlnet(model.unet, factor, controlnet)
+    net = create_controlnet(model, controlnet)
     pipe = controlnet_pipeline(model, net).to("cuda" if torch.cuda.is_available() else "cpu")
     scale = GUIDANCE_SCALE if guidance_scale is None else guidance_scale
     return Image.fromarray(generate(pipe, [prompt], [control_map], seed, steps, scale)[0])

@@ -16,7 +16,7 @@ from typing import Literal
 
 from metacontrol.conditions import condition_names
 from metacontrol.config_loader import check, config_argument_parser, load_config
-from metacontrol.layer_sets import LORA_FULLY_TRAINED, LORA_TARGET_MODULES, PRESETS
+from metacontrol.layer_sets import PRESETS
 from metacontrol.world import SceneOptions, WorldConfig
 
 FreezeSpec = str | list[str]
@@ -222,11 +222,13 @@ class FinetuneConfig(SourceConfig, RunConfig):
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (GPU): the optimiser state of a full SD-1.5 ControlNet in 1/4
     mode: Literal["full", "lora"] = "full"
-    freeze: FreezeSpec = "none"  # full mode: a preset (none | paper | zero_convs_only) or glob patterns
+    freeze: FreezeSpec = "none"  # full mode: a preset (none | paper | zero_convs_only | later_blocks) or glob patterns
     lora_rank: int = 8
     lora_alpha: float | None = None  # null: lora_rank (scale 1)
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGET_MODULES))
-    lora_modules_to_save: list[str] = field(default_factory=lambda: list(LORA_FULLY_TRAINED))
+    # null: the family's (layer_sets.LORA_TARGET_MODULES / LORA_FULLY_TRAINED for UNet ControlNets; attention
+    # projections and the zero layers for SD3 / Flux: metacontrol/families/base.py)
+    lora_target_modules: list[str] | None = None
+    lora_modules_to_save: list[str] | None = None
     # A saved adapter to start from (the `lora/` folder of a meta-learned LoRA start) instead of a fresh LoRA;
     # controlnet_model_name_or_path must then be the ControlNet it was trained on (its model card names it).
     lora_init: str | None = None

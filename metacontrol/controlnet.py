@@ -1,15 +1,21 @@
-"""Creating, checking and saving ControlNets: plain diffusers ``ControlNetModel`` folders throughout."""
+"""Creating, checking and saving ControlNets: plain diffusers ControlNet folders (``ControlNetModel``,
+``SD3ControlNetModel``, ``FluxControlNetModel``, by the base's family) throughout."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from diffusers import ControlNetModel, UNet2DConditionModel
+import diffusers
+import torch
 
 from metacontrol.atomic import atomic_files
 from metacontrol.config_loader import ConfigError
 from metacontrol.families import SD, ModelFamily
 from metacontrol.models.base import load_failure, local_folder
+
+if TYPE_CHECKING:
+    from metacontrol.models.base import BaseModel
 
 # Stable Diffusion's conditioning-embedding widths; it downsamples by 2 per entry after the first.
 SD_CONDITIONING_CHANNELS = (16, 32, 96, 256)
@@ -23,37 +29,21 @@ def conditioning_channels(vae_scale_factor: int) -> tuple[int, ...]:
     return SD_CONDITIONING_CHANNELS[:blocks]
 
 
-def check_compatible(controlnet: ControlNetModel, unet: UNet2DConditionModel, vae_scale_factor: int,
-                     source: str) -> None:
-    """Fail before training if a ControlNet was made for another base model."""
-    problems = []
-    for key in ("cross_attention_dim", "block_out_channels", "down_block_types", "layers_per_block", "in_channels",
-                "addition_embed_type", "projection_class_embeddings_input_dim"):  # the last two: SDXL's
-        mine, theirs = controlnet.config.get(key), unet.config.get(key)
-        if key == "down_block_types" and mine is not None:
-            mine, theirs = [b.replace("Cross", "") for b in mine], [b.replace("Cross", "") for b in theirs]
-        if list(mine) != list(theirs) if isinstance(mine, (list, tuple)) else mine != theirs:
-            problems.append(f"{key}: ControlNet has {mine}, base UNet has {theirs}")
-    embed = controlnet.config.get("conditioning_embedding_out_channels")
-    if embed is not None and 2 ** (len(embed) - 1) != vae_scale_factor:
-        problems.append(f"conditioning_embedding_out_channels {embed} downsample x{2 ** (len(embed) - 1)}, "
-                        f"the base VAE x{vae_scale_factor}")
-    if problems:
-        raise ConfigError(f"ControlNet {source} does not fit the base model: " + "; ".join(problems))
-
-
-def create_controlnet(unet: UNet2DConditionModel, vae_scale_factor: int, path: str | None = None) -> ControlNetModel:
-    """The standard initialisation (``from_unet``: encoder copied, zero convolutions) or a saved ControlNet."""
+def create_controlnet(base: BaseModel, path: str | None = None) -> torch.nn.Module:
+    """The standard initialisation of the base's family (``ControlNetModel.from_unet``,
+    ``SD3ControlNetModel.from_transformer``...), or a saved ControlNet checked against the base."""
+    family = base.family
     if path is None:
-        return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning_channels(vae_scale_factor))
+        return family.new_controlnet(base)
     folder = local_folder(path, "ControlNet folder")
     if folder is not None and not (folder / "config.json").is_file():
-        raise ConfigError(f"ControlNet folder {path} has no config.json; expected a diffusers ControlNetModel folder")
+        raise ConfigError(f"ControlNet folder {path} has no config.json; expected a diffusers "
+                          f"{family.controlnet_class} folder")
     try:
-        controlnet = ControlNetModel.from_pretrained(str(folder) if folder is not None else path)
+        controlnet = getattr(diffusers, family.controlnet_class).from_pretrained(str(folder) if folder is not None else path)
     except OSError as err:  # the Hub cannot be reached or has no such repository, or a file is unreadable
         raise ConfigError(f"cannot load the ControlNet {path}: {load_failure(err)}") from None
-    check_compatible(controlnet, unet, vae_scale_factor, path)
+    family.check_compatible(controlnet, base, path)
     return controlnet
 
 
@@ -66,13 +56,13 @@ def model_card(title: str, fields: dict[str, object], body: str = "", family: Mo
     return (
         "---\nlibrary_name: diffusers\ntags: [controlnet, metacontrol]\n---\n\n"
         f"# {title}\n\n| | |\n|---|---|\n{rows}\n\n{body}\n"
-        f"## Load\n\n```python\nfrom diffusers import ControlNetModel, {pipeline}\n"
-        "controlnet = ControlNetModel.from_pretrained(\"<this folder>\")\n"
+        f"## Load\n\n```python\nfrom diffusers import {family.controlnet_class}, {pipeline}\n"
+        f"controlnet = {family.controlnet_class}.from_pretrained(\"<this folder>\")\n"
         f"pipe = {pipeline}.from_pretrained(\"<base model>\", controlnet=controlnet{extra})\n```\n"
     )
 
 
-def save_controlnet(controlnet: ControlNetModel, output_dir: str | Path, card: str) -> Path:
+def save_controlnet(controlnet: torch.nn.Module, output_dir: str | Path, card: str) -> Path:
     """Write ``config.json``, ``diffusion_pytorch_model.safetensors`` and ``README.md``, each atomically.
 
     Training keeps ControlNet weights in fp32 (mixed precision only casts activations), so this is fp32.

@@ -16,8 +16,6 @@ import torch
 from metacontrol.config_loader import ConfigError
 from metacontrol.layer_sets import PRESETS
 
-ZERO_CONV_PATTERNS = ("controlnet_down_blocks.*", "controlnet_mid_block.*")
-
 
 def matches(name: str, pattern: str) -> bool:
     """Whether a dotted parameter or layer name is covered by a glob ``pattern``.
@@ -30,20 +28,21 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def preset_patterns(preset: str, model: torch.nn.Module) -> list[str]:
-    """Frozen-name patterns of a preset for this ControlNet's depth.
+    """Frozen-name patterns of a preset for this ControlNet, as its family defines them
+    (``ModelFamily.freeze_patterns``).
 
-    ``paper``: Meta ControlNet freezes encoder block 4 and the middle block of SD 1.x; in diffusers
-    names that is the *last* ``down_blocks`` entry (``down_blocks.3`` for SD 1.x) and ``mid_block``.
-    ``zero_convs_only``: everything but the zero convolutions is frozen.
+    ``paper`` (UNet ControlNets): Meta ControlNet freezes encoder block 4 and the middle block of SD 1.x; in
+    diffusers names that is the *last* ``down_blocks`` entry (``down_blocks.3`` for SD 1.x) and ``mid_block``.
+    ``later_blocks`` (transformer ControlNets): the second half of each kind of transformer block.
+    ``zero_convs_only``: everything but the zero-initialised output layers is frozen.
     """
     if preset == "none":
         return []
-    if preset == "paper":
-        return [f"down_blocks.{len(model.down_blocks) - 1}.*", "mid_block.*"]
-    if preset == "zero_convs_only":
-        names = [n for n, _ in model.named_parameters()]
-        return sorted({n for n in names if not any(matches(n, p) for p in ZERO_CONV_PATTERNS)})
-    raise ConfigError(f"unknown freeze preset {preset!r}; expected one of {', '.join(PRESETS)} or a list of patterns")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown freeze preset {preset!r}; expected one of {', '.join(PRESETS)} or a list of patterns")
+    from metacontrol.families import family_of_controlnet
+
+    return family_of_controlnet(model).freeze_patterns(preset, model)
 
 
 def frozen_names(model: torch.nn.Module, spec: str | list[str], phase: str = "freeze") -> set[str]:

@@ -17,8 +17,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from metacontrol.atomic import atomic_directory
 from metacontrol.config_loader import ConfigError
 from metacontrol.controlnet import save_controlnet
+from metacontrol.families import family_of_controlnet
 from metacontrol.freezing import matches
-from metacontrol.layer_sets import LORA_FULLY_TRAINED, LORA_TARGET_MODULES
 
 ADAPTER_FOLDER = "lora"  # a saved LoRA model keeps its adapter here, beside the merged ControlNet
 
@@ -36,17 +36,18 @@ def matching_layers(controlnet: ControlNetModel, patterns: list[str], key: str) 
 
 
 def add_lora(controlnet: ControlNetModel, *, rank: int, alpha: float | None = None,
-             target_modules: list[str] = LORA_TARGET_MODULES,
-             modules_to_save: list[str] = LORA_FULLY_TRAINED) -> PeftModel:
-    """LoRA on ``target_modules``; the layers of ``modules_to_save`` train fully (peft copies them).
+             target_modules: list[str] | None = None, modules_to_save: list[str] | None = None) -> PeftModel:
+    """LoRA on ``target_modules``; the layers of ``modules_to_save`` train fully (peft copies them). None: the
+    ControlNet's family's (``ModelFamily.lora_target_modules`` / ``lora_fully_trained``).
 
     Those are the zero convolutions, and they must train fully: with the standard initialisation their
     weight is 0, so no gradient reaches any layer before them (LoRA included) until they have moved,
     and a LoRA on one (W + BA with W = 0) could only ever learn a rank-r map. They are 1x1 convs (plus
     the condition encoder's last conv): about 3% of an SD-1.5 ControlNet.
     """
-    full = matching_layers(controlnet, modules_to_save, "lora_modules_to_save")
-    targets = matching_layers(controlnet, target_modules, "lora_target_modules")
+    family = family_of_controlnet(controlnet)
+    full = matching_layers(controlnet, modules_to_save or family.lora_fully_trained, "lora_modules_to_save")
+    targets = matching_layers(controlnet, target_modules or family.lora_target_modules, "lora_target_modules")
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, modules_to_save=full,
                         # a regex, so that exactly these layers get an adapter (a name is also a suffix)
                         target_modules="|".join(re.escape(n) for n in targets if n not in full))

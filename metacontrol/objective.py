@@ -1,4 +1,5 @@
-"""The ControlNet training loss, as diffusers' ``train_controlnet.py`` computes it, with explicit RNG.
+"""The ControlNet training loss, as diffusers' ``train_controlnet*.py`` scripts compute it for the base's family
+(``metacontrol/families``), with explicit RNG.
 
 Noise, timesteps and VAE posterior samples come from a ``torch.Generator`` seeded by the caller, so
 a batch's loss is a pure function of (weights, batch, seed): the basis of bit-exact resume and of
@@ -11,7 +12,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
-import torch.nn.functional as F
 from diffusers import ControlNetModel
 
 from metacontrol.families import Embeds
@@ -34,7 +34,8 @@ def check_finite(loss: torch.Tensor, where: str) -> torch.Tensor:
 
 
 class ControlNetObjective:
-    """Epsilon (or v) prediction loss of the frozen UNet steered by the ControlNet being trained.
+    """The training loss of the frozen denoiser steered by the ControlNet being trained: the family's (epsilon or v
+    prediction for UNets, flow matching for SD3 and Flux), on latents sampled from the VAE posterior.
 
     ``autocast`` is a factory of autocast contexts (``accelerator.autocast``), entered per forward pass.
     """
@@ -47,10 +48,13 @@ class ControlNetObjective:
         self.autocast = autocast
         self.device = next(controlnet.parameters()).device
         self.scaling_factor = float(base.vae.config.scaling_factor)
-        self.prediction_type = base.noise_scheduler.config.prediction_type
+        self.shift_factor = base.vae.config.get("shift_factor")  # SD3's and Flux's VAEs: latents are shifted first
 
     def _context(self) -> AbstractContextManager:
         return self.autocast() if self.autocast is not None else nullcontext()
+
+    def _scaled(self, sample: torch.Tensor) -> torch.Tensor:
+        return (sample if self.shift_factor is None else sample - self.shift_factor) * self.scaling_factor
 
     @torch.no_grad()
     def latents_and_text(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, Embeds]:
@@ -59,12 +63,12 @@ class ControlNetObjective:
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
             eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(self.device)
-            latents = (mean.to(self.device) + std.to(self.device) * eps) * self.scaling_factor
+            latents = self._scaled(mean.to(self.device) + std.to(self.device) * eps)
         else:
             pixels = batch["pixel_values"].to(self.device, self.base.vae.dtype)
             dist = self.base.vae.encode(pixels).latent_dist
             eps = torch.randn(dist.mean.shape, generator=generator, dtype=torch.float32).to(self.device)
-            latents = (dist.mean.float() + dist.std.float() * eps) * self.scaling_factor
+            latents = self._scaled(dist.mean.float() + dist.std.float() * eps)
         if "text_embeds" in batch:
             embeds = {key: batch[key].to(self.device) for key in self.base.family.text_keys}
         else:
@@ -72,27 +76,8 @@ class ControlNetObjective:
         return latents.to(self.weight_dtype), {key: value.to(self.weight_dtype) for key, value in embeds.items()}
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The family's training loss of ``batch`` (``ModelFamily.loss``), every random draw from ``generator``."""
         latents, embeds = self.latents_and_text(batch, generator)
-        text = embeds["text_embeds"]
-        bsz = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device)
-        steps = self.base.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (bsz,), generator=generator).to(self.device)
-        noisy = self.base.noise_scheduler.add_noise(latents.float(), noise, timesteps).to(self.weight_dtype)
         cond = batch["conditioning_pixel_values"].to(self.device, self.weight_dtype)
-        added = self.base.family.added_conditions(embeds, tuple(cond.shape[-2:]), self.weight_dtype)
-        with self._context():
-            down, mid = self.controlnet(noisy, timesteps, encoder_hidden_states=text, controlnet_cond=cond,
-                                        return_dict=False, **added)
-            pred = self.base.unet(
-                noisy, timesteps, encoder_hidden_states=text, **added,
-                down_block_additional_residuals=[r.to(self.weight_dtype) for r in down],
-                mid_block_additional_residual=mid.to(self.weight_dtype),
-            ).sample  # fmt: skip
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "v_prediction":
-            target = self.base.noise_scheduler.get_velocity(latents.float(), noise, timesteps)
-        else:
-            raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
-        return F.mse_loss(pred.float(), target.float())
+        return self.base.family.loss(self.base, self.controlnet, latents, embeds, cond, generator, self.weight_dtype,
+                                     self._context())

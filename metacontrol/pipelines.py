@@ -9,9 +9,10 @@ from contextlib import nullcontext
 import diffusers
 import numpy as np
 import torch
-from diffusers import ControlNetModel, DiffusionPipeline, SchedulerMixin
+from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
+from metacontrol.families import family_of_controlnet
 from metacontrol.models.base import BaseModel
 
 GUIDANCE_SCALE = 4.0
@@ -39,7 +40,7 @@ def base_pipeline(base: BaseModel, scheduler: str = DEFAULT_SCHEDULER) -> Diffus
     return _quiet(base.family.pipeline(base, _scheduler(base, scheduler), None))
 
 
-def controlnet_pipeline(base: BaseModel, controlnet: ControlNetModel,
+def controlnet_pipeline(base: BaseModel, controlnet: torch.nn.Module,
                         scheduler: str = DEFAULT_SCHEDULER) -> DiffusionPipeline:
     """The family's ControlNet pipeline (``StableDiffusionControlNetPipeline``...) over the in-memory base model
     (no reload; ``scheduler`` as in ``base_pipeline``)."""
@@ -47,7 +48,7 @@ def controlnet_pipeline(base: BaseModel, controlnet: ControlNetModel,
 
 
 def _scheduler(base: BaseModel, name: str) -> SchedulerMixin:
-    return getattr(diffusers, name).from_config(base.noise_scheduler.config)
+    return base.family.sampler(base, name)
 
 
 def _quiet(pipe: DiffusionPipeline) -> DiffusionPipeline:
@@ -72,14 +73,17 @@ def generate(pipe, prompts: list[str], conditions: list[np.ndarray] | None, seed
 
     Image i has its own generator seeded ``seed + i``, so it does not depend on how prompts are batched.
     """
-    unet_dtype = pipe.unet.dtype
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    unet_dtype = denoiser.dtype
     # Autocast when any part runs in another dtype than the UNet: an fp32 ControlNet under training, and the fp32
     # text encoder (``BaseModel.freeze`` keeps it so) whose embeddings a bf16/fp16 UNet and ControlNet read.
-    parts = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "controlnet", None)]
+    parts = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None), getattr(pipe, "text_encoder_3", None),
+             getattr(pipe, "controlnet", None)]
     mixed = any(part is not None and part.dtype != unet_dtype for part in parts)
     autocast = torch.autocast(pipe.device.type, dtype=unet_dtype) if mixed else nullcontext()
     if conditions is not None:
         size = conditions[0].shape[:2]
+        argument = family_of_controlnet(pipe.controlnet).control_image_argument  # image, or control_image
     height, width = size if size is not None else (None, None)
     images = []
     for start in range(0, len(prompts), batch_size):
@@ -87,7 +91,7 @@ def generate(pipe, prompts: list[str], conditions: list[np.ndarray] | None, seed
         kwargs = {}
         if conditions is not None:
             maps = np.stack([conditions[i] for i in chunk])
-            kwargs["image"] = torch.from_numpy(maps).permute(0, 3, 1, 2).float() / 255.0
+            kwargs[argument] = torch.from_numpy(maps).permute(0, 3, 1, 2).float() / 255.0
         with autocast:
             out = pipe([prompts[i] for i in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
                        height=height, width=width, output_type="np",

@@ -74,7 +74,7 @@ def set_up_run(cfg: RunConfig) -> RunSetup:
         raise ConfigError(f"resolution: {cfg.resolution} is not divisible by the VAE's downsampling factor "
                           f"{base.vae_scale_factor} of {cfg.pretrained_model_name_or_path}")
     # From the fp32 UNet, before the base is cast: a bf16/fp16 copy would start the ControlNet rounded.
-    controlnet = create_controlnet(base.unet, base.vae_scale_factor, cfg.controlnet_model_name_or_path)
+    controlnet = create_controlnet(base, cfg.controlnet_model_name_or_path)
     base.freeze(weight_dtype, accelerator.device)
     configure_attention(cfg, controlnet, base)
     controlnet.to(accelerator.device, dtype=torch.float32).train()
@@ -93,7 +93,7 @@ def configure_attention(cfg: RunConfig, controlnet: torch.nn.Module, base: BaseM
         except ImportError:
             raise ConfigError("enable_xformers_memory_efficient_attention: xformers is not installed; "
                               "`pip install metacontrol[xformers]` on a CUDA machine, or set it to false") from None
-        base.unet.enable_xformers_memory_efficient_attention()
+        base.denoiser.enable_xformers_memory_efficient_attention()
         controlnet.enable_xformers_memory_efficient_attention()
     if cfg.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()

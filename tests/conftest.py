@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,18 +36,28 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_sdxl_dir(tmp_path_factory) -> Path:
-    """A randomly initialised SDXL pipeline folder (two text encoders, text_time UNet, x4 VAE, 32 px)."""
+def tiny_family_dir(tmp_path_factory) -> Callable[[str], Path]:
+    """``tiny_family_dir(name)``: a randomly initialised pipeline folder of family ``sdxl``, ``sd3`` or ``flux``
+    (the tiny test model's VAE widths and tokenizer, 32 px), built once per session."""
     import torch
 
-    from metacontrol.models.random_bases import sdxl_pipeline
+    from metacontrol.models import random_bases
     from metacontrol.models.tiny import TinySDConfig
     from metacontrol.world import vocabulary
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    sdxl_pipeline("tiny", vocabulary(), TinySDConfig(**TINY_TEST_MODEL)).save_pretrained(path)
-    return path
+    made: dict[str, Path] = {}
+
+    def build(name: str) -> Path:
+        if name not in made:
+            torch.manual_seed(0)
+            tiny = TinySDConfig(**TINY_TEST_MODEL)
+            pipe = (random_bases.sdxl_pipeline("tiny", vocabulary(), tiny) if name == "sdxl" else
+                    getattr(random_bases, f"{name}_pipeline")(vocabulary(), tiny))
+            made[name] = tmp_path_factory.mktemp(f"tiny-{name}")
+            pipe.save_pretrained(made[name])
+        return made[name]
+
+    return build
 
 
 def meta_train_args(tiny_sd_dir: Path, output_dir: Path, *overrides: str) -> list[str]:

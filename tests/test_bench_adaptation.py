@@ -19,13 +19,13 @@ from tests.conftest import PYTHON, run_script
 @pytest.fixture(scope="module")
 def bench(tiny_sd_dir, tmp_path_factory):
     import torch
-    from diffusers import UNet2DConditionModel
 
     from metacontrol.controlnet import create_controlnet
+    from metacontrol.models.base import load_base_model
 
     root = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
-    perturbed = create_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"), 4)
+    perturbed = create_controlnet(load_base_model(str(tiny_sd_dir)))
     with torch.no_grad():
         for name, p in perturbed.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):

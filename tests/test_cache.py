@@ -83,7 +83,7 @@ def _attach(pools, base, cache_dir, **kwargs) -> tuple[dict[str, EncodingStore],
 def _meta_train(base: BaseModel, data: dict[str, TensorPool], meta_steps: int = 2) -> tuple[list, list]:
     """A few Reptile meta-steps as meta_train.py takes them: the inner losses and the final weights."""
     torch.manual_seed(0)
-    controlnet = create_controlnet(base.unet, base.vae_scale_factor)
+    controlnet = create_controlnet(base)
     objective = ControlNetObjective(base, controlnet)
     params = list(controlnet.parameters())
     # SGD, not meta_train's Adam: Adam's normalised steps turn last-bit gradient differences of
@@ -278,7 +278,7 @@ def test_the_cache_does_not_depend_on_the_runs_precision(base, tiny_sd_dir, tmp_
     reads the entry an fp32 run wrote, and it holds what the fp32 encoders compute."""
     stores, _ = _attach(_pools(), base, tmp_path)
     bf16 = load_base_model(str(tiny_sd_dir)).freeze(torch.bfloat16)
-    assert bf16.unet.dtype == torch.bfloat16 and bf16.vae.dtype == bf16.text_encoder.dtype == torch.float32
+    assert bf16.denoiser.dtype == torch.bfloat16 and bf16.vae.dtype == bf16.text_encoder.dtype == torch.float32
     pools = _pools()
     again, calls = _attach(pools, bf16, tmp_path)
     assert again["canny"].directory == stores["canny"].directory and again["canny"].encoded == calls == 0

@@ -140,12 +140,12 @@ def test_annotate_errors_are_one_line(tmp_path, photo):
 def controlnet_dir(tiny_sd_dir, tmp_path_factory):
     """A ControlNet for the tiny random model whose zero-initialised convolutions are not zero, so the map matters."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     from metacontrol.controlnet import create_controlnet
+    from metacontrol.models.base import load_base_model
 
     torch.manual_seed(0)
-    controlnet = create_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"), 4)
+    controlnet = create_controlnet(load_base_model(str(tiny_sd_dir)))
     with torch.no_grad():
         for name, p in controlnet.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):

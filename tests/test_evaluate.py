@@ -19,14 +19,14 @@ from tests.browser import render_in_chromium
 from tests.conftest import PYTHON, REPO, run_script
 
 
-def two_controlnets(unet):
+def two_controlnets(base):
     """The standard initialisation (zero convolutions: identical to no ControlNet) and a perturbed one."""
     import torch
 
     from metacontrol.controlnet import create_controlnet
 
     torch.manual_seed(0)
-    standard, perturbed = create_controlnet(unet, 4), create_controlnet(unet, 4)
+    standard, perturbed = create_controlnet(base), create_controlnet(base)
     with torch.no_grad():
         for name, p in perturbed.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
@@ -37,10 +37,10 @@ def two_controlnets(unet):
 @pytest.fixture(scope="module")
 def evaluation(tiny_sd_dir, tmp_path_factory):
     """The script on two checkpoints (see ``two_controlnets``)."""
-    from diffusers import UNet2DConditionModel
+    from metacontrol.models.base import load_base_model
 
     root = tmp_path_factory.mktemp("eval")
-    standard, perturbed = two_controlnets(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"))
+    standard, perturbed = two_controlnets(load_base_model(str(tiny_sd_dir)))
     standard.save_pretrained(root / "standard")
     perturbed.save_pretrained(root / "perturbed")
     out = root / "out"
@@ -98,7 +98,7 @@ def harness(tiny_sd_dir):
     base = load_base_model(str(tiny_sd_dir)).freeze()
     settings = EvalSettings(num_samples=2, num_inference_steps=2)
     eval_sets = synthetic_eval_sets(["canny", "seg"], WorldConfig(resolution=32), settings)
-    return base, eval_sets, settings, two_controlnets(base.unet)
+    return base, eval_sets, settings, two_controlnets(base)
 
 
 def test_standard_initialisation_is_the_floor_sample_by_sample(harness):

@@ -31,13 +31,12 @@ def _evaluate_args(tiny_sd_dir: Path, controlnet: Path, photos: Path, annotators
 @pytest.fixture(scope="module")
 def photo_run(tiny_sd_dir, tmp_path_factory):
     """The script on 4 photos with the standard initialisation (zero convolutions: exactly the floor)."""
-    from diffusers import UNet2DConditionModel
-
     from metacontrol.controlnet import create_controlnet
+    from metacontrol.models.base import load_base_model
 
     root = tmp_path_factory.mktemp("photo-eval")
     photos, annotators = write_photo_folder(root / "photos", names=NAMES), random_hed_annotators(root / "annotators")
-    create_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"), 4).save_pretrained(
+    create_controlnet(load_base_model(str(tiny_sd_dir))).save_pretrained(
         root / "standard")
     args = _evaluate_args(tiny_sd_dir, root / "standard", photos, annotators, root / "one")
     run_script([PYTHON, "train/evaluate.py", *args])

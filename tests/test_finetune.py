@@ -76,7 +76,7 @@ def full_run(tiny_sd_dir, tmp_path_factory) -> Path:
 
 
 def test_full_mode_learns_and_runs_in_the_pipeline(full_run, tiny_sd_dir):
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel
 
     from metacontrol.controlnet import create_controlnet
     from metacontrol.data.pools import synthetic_pools
@@ -95,7 +95,7 @@ def test_full_mode_learns_and_runs_in_the_pipeline(full_run, tiny_sd_dir):
     base = load_base_model(str(tiny_sd_dir)).freeze()
     pool = synthetic_pools(WorldConfig(resolution=32), ["normal"], 8, "train", show_progress=False)["normal"]
     batch = pool.batch(range(8))
-    initial = create_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"), 4)
+    initial = create_controlnet(load_base_model(str(tiny_sd_dir)))
 
     @torch.no_grad()
     def mean_loss(controlnet) -> float:

@@ -14,13 +14,14 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def test_meta_lora_start_moves_only_adapters_and_reloads_exactly_for_finetuning(tiny_sd_dir, tmp_path):
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel
     from peft import PeftModel
 
     from metacontrol.controlnet import create_controlnet
+    from metacontrol.models.base import load_base_model
 
     init = tmp_path / "init"
-    create_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"), 4).save_pretrained(init)
+    create_controlnet(load_base_model(str(tiny_sd_dir))).save_pretrained(init)
     out = tmp_path / "meta-lora"
     result = run_script([PYTHON, "meta_train.py", *meta_train_args(
         tiny_sd_dir, out, "meta.max_meta_steps=2", "meta.lora_rank=2", "meta.inner_betas=[0.0, 0.999]",

@@ -43,11 +43,10 @@ def _digest(folder: Path) -> str:
 
 
 def _initial_controlnet(tiny_sd_dir: Path):
-    from diffusers import UNet2DConditionModel
-
     from metacontrol.controlnet import create_controlnet
+    from metacontrol.models.base import load_base_model
 
-    return create_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet"), 4)
+    return create_controlnet(load_base_model(str(tiny_sd_dir)))
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +191,7 @@ def test_paper_freeze_leaves_last_encoder_block_and_middle_untouched(tiny_sd_dir
 def test_bf16_run_starts_from_the_fp32_unet_bit_for_bit(tiny_sd_dir, tmp_path):
     """The ControlNet is copied from the UNet before the base is cast to bf16, not from a rounded copy."""
     from accelerate.state import AcceleratorState
+    from diffusers import UNet2DConditionModel
 
     from metacontrol.config import MetaTrainConfig
     from metacontrol.config_loader import load_config
@@ -202,9 +202,8 @@ def test_bf16_run_starts_from_the_fp32_unet_bit_for_bit(tiny_sd_dir, tmp_path):
         run = set_up_run(cfg)
     finally:
         AcceleratorState._reset_state(True)
-    assert run.base.unet.dtype == torch.bfloat16
+    assert run.base.denoiser.dtype == torch.bfloat16
     assert run.base.vae.dtype == run.base.text_encoder.dtype == torch.float32  # encoders: fp32, cache-stable
-    from diffusers import UNet2DConditionModel
 
     built = run.controlnet.state_dict()
     unet = UNet2DConditionModel.from_pretrained(tiny_sd_dir, subfolder="unet").state_dict()  # fp32

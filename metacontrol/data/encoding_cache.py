@@ -92,7 +92,7 @@ def _tokenizer_sha256(tokenizer: Any) -> str:
 
 def model_material(base: Encoders | BaseModel) -> dict[str, Any]:
     """What identifies the encoders of ``base``, for the cache key (computed once per run). A second text
-    encoder (SDXL) adds its config and tokenizer; SD 1.x/2.x's material is what it always was."""
+    and third text encoder (SDXL, SD3, Flux) add their configs and tokenizers; SD 1.x/2.x's material is what it always was."""
     encoders = base if isinstance(base, Encoders) else base.encoders
     material = {
         "location": base.location,
@@ -103,9 +103,10 @@ def model_material(base: Encoders | BaseModel) -> dict[str, Any]:
         "dtype": str(base.vae.dtype),
         "versions": {name: importlib.metadata.version(name) for name in LIBRARIES},
     }
-    if encoders.text_encoder_2 is not None:
-        material["text_encoder_2_config"] = _config(encoders.text_encoder_2.config)
-        material["tokenizer_2_sha256"] = _tokenizer_sha256(encoders.tokenizer_2)
+    for n in (2, 3):
+        if (encoder := getattr(encoders, f"text_encoder_{n}")) is not None:
+            material[f"text_encoder_{n}_config"] = _config(encoder.config)
+            material[f"tokenizer_{n}_sha256"] = _tokenizer_sha256(getattr(encoders, f"tokenizer_{n}"))
     return material
 
 

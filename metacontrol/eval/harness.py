@@ -295,13 +295,13 @@ class Evaluator:
     def __post_init__(self) -> None:
         # oneDNN's convolutions run about 1.25x faster on the CPU in channels-last layout (same images
         # to within one grey level); evaluation owns the frozen base it is given.
-        self.base.unet.to(memory_format=torch.channels_last)
+        self.base.denoiser.to(memory_format=torch.channels_last)
         clip_model = self.settings.clip_model
         self.clip = ClipScorer.load(clip_model, self.device) if clip_model is not None else None
 
     @property
     def device(self) -> str:
-        return str(self.base.unet.device)
+        return str(self.base.denoiser.device)
 
     def _over_batches(self, condition: str, work: Callable[[range], T]) -> list[T]:
         """``work(rows)`` for each batch of the set, batch ``b`` on process ``b % num_processes``; every process
@@ -319,7 +319,7 @@ class Evaluator:
     def _pipe(self, controlnet: ControlNetModel | None) -> Any:
         if controlnet is None:
             return base_pipeline(self.base, self.settings.scheduler)
-        controlnet = controlnet.to(self.base.unet.device, memory_format=torch.channels_last)
+        controlnet = controlnet.to(self.base.denoiser.device, memory_format=torch.channels_last)
         return controlnet_pipeline(self.base, controlnet, self.settings.scheduler)
 
     def _generate(self, pipe: Any, condition: str, rows: range) -> np.ndarray:

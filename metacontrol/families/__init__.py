@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from metacontrol.config_loader import ConfigError
-from metacontrol.families.base import Embeds, ModelFamily
+from metacontrol.families.base import Embeds, FlowFamily, ModelFamily, UNetFamily
+from metacontrol.families.flux import Flux
 from metacontrol.families.sd import StableDiffusion
+from metacontrol.families.sd3 import StableDiffusion3
 from metacontrol.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, ModelFamily] = {family.pipeline_class: family for family in (StableDiffusion(), StableDiffusionXL())}
+FAMILIES: dict[str, ModelFamily] = {family.pipeline_class: family for family in (
+    StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux())}
 SD = FAMILIES["StableDiffusionPipeline"]
 
-__all__ = ["FAMILIES", "SD", "Embeds", "ModelFamily", "family_named", "family_of"]
+__all__ = ["FAMILIES", "SD", "Embeds", "FlowFamily", "ModelFamily", "UNetFamily", "family_named", "family_of",
+           "family_of_controlnet"]
 
 
 def family_named(pipeline_class: str, where: str) -> ModelFamily:
@@ -41,3 +47,13 @@ def family_of(folder: Path | None, location: str, revision: str | None = None) -
 
     config = DiffusionPipeline.load_config(location, revision=revision)
     return family_named(config["_class_name"], f"base model {location}")
+
+
+def family_of_controlnet(controlnet: torch.nn.Module) -> ModelFamily:
+    """The first family whose ControlNet class ``controlnet`` is (SD and SDXL share ``ControlNetModel``, and all
+    that depends on the class alone, such as freezing presets, is the same for both)."""
+    name = type(controlnet).__name__
+    for family in FAMILIES.values():
+        if family.controlnet_class == name:
+            return family
+    raise ConfigError(f"a {name} is not a ControlNet of any family metacontrol knows")

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffusers import StableDiffusionControlNetPipeline, StableDiffusionPipeline
 
-from metacontrol.families.base import Embeds, ModelFamily, token_ids
+from metacontrol.families.base import Embeds, UNetFamily, token_ids
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from metacontrol.models.base import BaseModel, Encoders
 
 
-class StableDiffusion(ModelFamily):
+class StableDiffusion(UNetFamily):
     name = "sd"
     pipeline_class = "StableDiffusionPipeline"
     controlnet_pipeline_class = "StableDiffusionControlNetPipeline"
@@ -25,7 +25,7 @@ class StableDiffusion(ModelFamily):
         return {"text_embeds": encoders.text_encoder(ids)[0]}
 
     def pipeline(self, base: BaseModel, scheduler: Any, controlnet: ControlNetModel | None) -> StableDiffusionPipeline:
-        parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+        parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.denoiser,
                      scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         if controlnet is None:
             return StableDiffusionPipeline(**parts)

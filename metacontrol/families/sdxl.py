@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-from metacontrol.families.base import Embeds, ModelFamily, token_ids
+from metacontrol.families.base import Embeds, UNetFamily, token_ids
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from metacontrol.models.base import BaseModel, Encoders
 
 
-class StableDiffusionXL(ModelFamily):
+class StableDiffusionXL(UNetFamily):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     controlnet_pipeline_class = "StableDiffusionXLControlNetPipeline"
@@ -45,7 +45,7 @@ class StableDiffusionXL(ModelFamily):
 
     def pipeline(self, base: BaseModel, scheduler: Any, controlnet: ControlNetModel | None) -> StableDiffusionXLPipeline:
         parts = dict(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
-                     tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=scheduler,
+                     tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.denoiser, scheduler=scheduler,
                      add_watermarker=False)
         if controlnet is None:
             return StableDiffusionXLPipeline(**parts)

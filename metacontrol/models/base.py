@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from huggingface_hub import constants
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
@@ -41,7 +42,8 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name: the only shape looked up on
 @dataclass
 class Encoders:
     """The frozen encoders whose outputs are cached (VAE, text encoders, tokenizers): all ``prepare`` loads.
-    ``text_encoder_2`` / ``tokenizer_2``: the second pair of the families that have one (SDXL)."""
+    ``text_encoder_2`` / ``_3`` and their tokenizers: the further ones of the families that have them (SDXL,
+    SD3, Flux), named as in the family's diffusers pipeline."""
 
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
@@ -50,10 +52,12 @@ class Encoders:
     family: ModelFamily = SD
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
 
     @property
     def text_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        return [m for m in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Embeds:
@@ -67,14 +71,16 @@ class BaseModel:
     """The Stable-Diffusion components a ControlNet is trained against."""
 
     vae: AutoencoderKL
-    unet: UNet2DConditionModel
+    denoiser: torch.nn.Module  # UNet2DConditionModel (SD, SDXL), SD3Transformer2DModel, FluxTransformer2DModel
     text_encoder: CLIPTextModel
     tokenizer: PreTrainedTokenizerBase
-    noise_scheduler: DDPMScheduler
+    noise_scheduler: Any  # the training schedule: DDPMScheduler (UNet families) or FlowMatchEulerDiscreteScheduler
     location: str
     family: ModelFamily = SD
     text_encoder_2: Any = None
     tokenizer_2: Any = None
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -85,16 +91,16 @@ class BaseModel:
         the mixed-precision weight dtype. The encoders stay fp32: their outputs are cached once per dataset,
         so the cache does not depend on the run's precision, and SD VAEs are ``force_upcast`` (they overflow
         in fp16)."""
-        for module in (self.vae, self.unet, *self.encoders.text_modules):
+        for module in (self.vae, self.denoiser, *self.encoders.text_modules):
             module.requires_grad_(False)
             module.eval()
-            module.to(device=device, dtype=dtype if module is self.unet else torch.float32)
+            module.to(device=device, dtype=dtype if module is self.denoiser else torch.float32)
         return self
 
     @property
     def encoders(self) -> Encoders:
         return Encoders(self.vae, self.text_encoder, self.tokenizer, self.location, self.family,
-                        self.text_encoder_2, self.tokenizer_2)
+                        self.text_encoder_2, self.tokenizer_2, self.text_encoder_3, self.tokenizer_3)
 
     def encode_prompts(self, prompts: list[str]) -> Embeds:
         return self.encoders.encode_prompts(prompts)
@@ -157,8 +163,8 @@ def _loader(location: str, revision: str | None, skip: tuple[str, ...] = ()) -> 
 
 
 def load_encoders(location: str, revision: str | None = None) -> Encoders:
-    """The VAE, text encoders and tokenizers of a base model (no UNet: a third of SD 1.5's bytes saved)."""
-    source, kwargs, family = _loader(location, revision, skip=("unet", "scheduler"))
+    """The VAE, text encoders and tokenizers of a base model (no denoiser: a third of SD 1.5's bytes saved)."""
+    source, kwargs, family = _loader(location, revision, skip=("unet", "transformer", "scheduler"))
     try:
         texts: dict[str, Any] = {}
         for encoder, cls, tokenizer in family.text_encoders:
@@ -177,14 +183,18 @@ def load_base_model(location: str, revision: str | None = None) -> BaseModel:
     try:
         return BaseModel(
             vae=encoders.vae,
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs),
+            denoiser=getattr(diffusers, family.denoiser_class).from_pretrained(
+                source, subfolder=family.denoiser_folder, **kwargs),
             text_encoder=encoders.text_encoder,
             tokenizer=encoders.tokenizer,
-            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs),
+            noise_scheduler=getattr(diffusers, family.scheduler_class).from_pretrained(
+                source, subfolder="scheduler", **kwargs),
             location=location,
             family=family,
             text_encoder_2=encoders.text_encoder_2,
             tokenizer_2=encoders.tokenizer_2,
+            text_encoder_3=encoders.text_encoder_3,
+            tokenizer_3=encoders.tokenizer_3,
         )
     except OSError as err:
         raise _cannot_load(location, err) from None

@@ -1,16 +1,34 @@
 """Base models of the other families in their real diffusers / transformers classes, with random weights:
 what tests (tiny) and benches (real shapes) train on where no checkpoint can be downloaded.
 
-Tiny ones take the tiny architecture's VAE and word-level tokenizer (``models/tiny.py``) and the widths of
-diffusers' own pipeline tests; real ones take the published configs' shapes (SDXL base 1.0).
+Tiny ones take the tiny architecture's VAE and word-level tokenizer (``models/tiny.py``) and about the widths
+of diffusers' own pipeline tests; real ones take the published configs' shapes (SDXL base 1.0).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
 
 from metacontrol.models.tiny import TinySDConfig, build_tokenizer, build_vae
 
@@ -65,3 +83,52 @@ def sdxl_pipeline(scale: Scale, words: list[str], tiny: TinySDConfig | None = No
                                      text_encoder_2=CLIPTextModelWithProjection(encoders[1]), tokenizer=tokenizer,
                                      tokenizer_2=tokenizer, unet=unet_model, scheduler=scheduler,
                                      add_watermarker=False)
+
+
+def _t5(tokenizer: PreTrainedTokenizerFast, width: int, layers: int, heads: int) -> T5EncoderModel:
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=width, d_ff=width * 2, d_kv=width // heads,
+                                   num_layers=layers, num_heads=heads, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id))
+
+
+def _flow_vae(tiny: TinySDConfig, latent_channels: int, shift: float, scale: float) -> AutoencoderKL:
+    vae = build_vae(replace(tiny, latent_channels=latent_channels))
+    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    return vae
+
+
+def sd3_pipeline(words: list[str], tiny: TinySDConfig | None = None) -> StableDiffusion3Pipeline:
+    """A tiny SD3 pipeline: an MMDiT (patch 2, 16 latent channels), two projected CLIPs whose widths sum to T5's
+    (as SD3's 768 + 1280 <= 4096), a T5 encoder, a shifted VAE and SD3's flow-matching schedule (shift 3)."""
+    tiny = tiny or TinySDConfig()
+    tokenizer = build_tokenizer(words, tiny.max_tokens)
+    clip = _clip_config(tokenizer, tiny.text_hidden, tiny.text_layers, tiny.text_heads)
+    width = 2 * tiny.text_hidden
+    factor = 2 ** (len(tiny.vae_channels) - 1)
+    transformer = SD3Transformer2DModel(sample_size=tiny.resolution // factor, patch_size=2, in_channels=16,
+                                        out_channels=16, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+                                        joint_attention_dim=width, caption_projection_dim=16,
+                                        pooled_projection_dim=2 * clip.projection_dim, pos_embed_max_size=32)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_flow_vae(tiny, 16, 0.0609, 1.5305), text_encoder=CLIPTextModelWithProjection(clip), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip), tokenizer_2=tokenizer,
+        text_encoder_3=_t5(tokenizer, width, 2, 2), tokenizer_3=tokenizer)
+
+
+def flux_pipeline(words: list[str], tiny: TinySDConfig | None = None) -> FluxPipeline:
+    """A tiny Flux.1-dev-like pipeline: double and single blocks over packed latents (16 channels packed 2x2),
+    guidance embedding, CLIP (pooled) and T5 (per token), a shifted VAE and Flux's dynamically shifted schedule."""
+    tiny = tiny or TinySDConfig()
+    tokenizer = build_tokenizer(words, tiny.max_tokens)
+    clip = _clip_config(tokenizer, tiny.text_hidden, tiny.text_layers, tiny.text_heads)
+    width = 2 * tiny.text_hidden
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * 4, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=width,
+                                         pooled_projection_dim=tiny.text_hidden, guidance_embeds=True,
+                                         axes_dims_rope=(4, 4, 8))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=_flow_vae(tiny, 4, 0.1159, 0.3611), text_encoder=CLIPTextModel(clip),
+                        tokenizer=tokenizer, text_encoder_2=_t5(tokenizer, width, 2, 2), tokenizer_2=tokenizer,
+                        transformer=transformer)

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = load_base_model(cfg.pretrained_model_name_or_path).freeze(dtype, accelerator.device)
     # Every checkpoint is loaded and checked against the base model before any generation starts.
-    controlnets = {Path(p).name: create_controlnet(base.unet, base.vae_scale_factor, p).to(accelerator.device, dtype)
+    controlnets = {Path(p).name: create_controlnet(base, p).to(accelerator.device, dtype)
                    .eval() for p in cfg.controlnets}
     if len(controlnets) != len(cfg.controlnets):
         raise ConfigError(f"controlnets: folder names must be unique (they label the results): {cfg.controlnets}")
