@@ -52,8 +52,9 @@ def annotate_photo(condition: str, photo: str | Path, annotators: str | None = N
 def generate_image(controlnet: str, control_image: str | Path, prompt: str, base: str = DEFAULT_BASE,
                    steps: int = 20, guidance_scale: float | None = None, seed: int = 0,
                    resolution: int | None = None) -> Image.Image:
-    """One image from ``prompt`` under the condition map ``control_image``, through a diffusers
-    ``StableDiffusionControlNetPipeline`` (DPM-Solver, as validation and evaluation generate).
+    """One image from ``prompt`` under the condition map ``control_image``, through the base family's diffusers
+    ControlNet pipeline (``StableDiffusionControlNetPipeline``...; DPM-Solver for the UNet families, as validation
+    and evaluation generate).
 
     The image has the map's size (or ``resolution`` x ``resolution``, the map centre-cropped to it).
     ``guidance_scale`` None is the evaluation's (``metacontrol.pipelines.GUIDANCE_SCALE``).
@@ -153,11 +154,11 @@ def generate_main(argv: list[str] | None = None) -> None:
     from metacontrol.pipelines import GUIDANCE_SCALE
 
     parser = _parser("generate", generate_main.__doc__)
-    parser.add_argument("--controlnet", required=True, help="a diffusers ControlNetModel folder")
+    parser.add_argument("--controlnet", required=True, help="a diffusers ControlNet folder of the base's family")
     parser.add_argument("--image", required=True, help="the condition map (PNG), e.g. from condition-map or annotate")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("-o", "--output", required=True, help="where to write the image (PNG)")
-    parser.add_argument("--base", default=DEFAULT_BASE, help=f"base SD-1.x/2.x folder or Hub id (default {DEFAULT_BASE})")
+    parser.add_argument("--base", default=DEFAULT_BASE, help=f"base folder or Hub id: SD 1.x/2.x, SDXL, SD3 or Flux (default {DEFAULT_BASE})")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (DPM-Solver++; default 20)")
     parser.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE,
                         help=f"classifier-free guidance (default {GUIDANCE_SCALE})")

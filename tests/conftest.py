@@ -91,6 +91,25 @@ def run_script(args: list[str], env: dict[str, str] | None = None, timeout: int 
     return result
 
 
+def run_side_by_side(commands: list[list[str]], env: dict[str, str] | None = None,
+                     timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Independent one-thread scripts at once (one per core), each checked as ``run_script`` checks one."""
+    processes = [subprocess.Popen(c, cwd=REPO, env=script_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for c in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    results = [subprocess.CompletedProcess(c, p.returncode, out, err)
+               for c, p, (out, err) in zip(commands, processes, outputs)]
+    for result in results:
+        if result.returncode != 0:
+            raise AssertionError(f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n"
+                                 f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return results
+
+
 def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a script run by a test: this checkout importable, one OpenMP thread."""
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(extra or {})}

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from metacontrol.eval.statistics import Interval
 from tests.browser import render_in_chromium
-from tests.conftest import PYTHON, run_script
+from tests.conftest import PYTHON, run_script, run_side_by_side
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def bench(tiny_sd_dir, tmp_path_factory):
             f"initialisations={{standard: null, perturbed: {root / 'perturbed'}}}", "conditions=[seg]",
             "steps=[0, 2]", "auc_budget=2", "shots=[4]", "train_batch_size=2", "world.resolution=32",
             f"output_dir={root / 'out'}", f"work_dir={root / 'work'}"]  # fmt: skip
-    shards = [run_script([*args, "--shard", f"{k}/2"]) for k in range(2)]
+    shards = run_side_by_side([[*args, "--shard", f"{k}/2"] for k in range(2)])  # as the bench's docstring says
     (root / "perturbed" / "README.md").write_text("# perturbed\n\n## Load\n\nload it\n")
     report = run_script([*args, "--card", "perturbed"])
     return root, shards, report

@@ -17,7 +17,7 @@ from metacontrol.config_loader import ConfigError
 from metacontrol.controlnet import create_controlnet
 from metacontrol.families import FAMILIES
 from metacontrol.models.base import load_base_model
-from tests.conftest import PYTHON, finetune_args, meta_train_args, run_script, torchrun
+from tests.conftest import PYTHON, finetune_args, meta_train_args, run_script, run_side_by_side, torchrun
 from tests.test_meta_train import _assert_same_weights
 
 PROMPTS = ["a red ball in front of a blue wall", "a green cube on a gray floor"]
@@ -141,16 +141,15 @@ def family_runs(request, tiny_family_dir, tmp_path_factory) -> tuple[str, Path, 
     name, base = request.param, tiny_family_dir(request.param)
     root = tmp_path_factory.mktemp(name)
     steps = ["meta.max_meta_steps=2", "checkpointing_steps=2"]
-    run_script([PYTHON, "meta_train.py", *meta_train_args(base, root / "reptile", *steps)])
+    run_side_by_side([[PYTHON, "meta_train.py", *meta_train_args(base, root / "reptile", *steps)],
+                      [PYTHON, "meta_train.py", *meta_train_args(base, root / "joint", *steps, "meta.algorithm=joint")]])
     if name in TWO_PROCESSES:
         run_script(torchrun("meta_train.py", *meta_train_args(base, root / "reptile-2", *steps,
                                                               "dataloader_num_workers=1"), nproc=2),
                    env={"ACCELERATE_USE_CPU": "1"})
-    run_script([PYTHON, "meta_train.py", *meta_train_args(base, root / "joint", *steps, "meta.algorithm=joint")])
     start = f"controlnet_model_name_or_path={root / 'reptile'}"
-    for mode in ("full", "lora"):
-        run_script(finetune_args(base, root / mode, start, f"mode={mode}", "max_train_steps=2",
-                                 f"cache_dir={root / 'cache'}"))
+    run_side_by_side([finetune_args(base, root / mode, start, f"mode={mode}", "max_train_steps=2",
+                                    f"cache_dir={root / 'cache'}") for mode in ("full", "lora")])
     return name, base, root
 
 
@@ -205,3 +204,33 @@ def test_a_fresh_controlnet_adds_nothing_and_evaluation_scores_it(family_runs):
     if name != "flux":
         for metric, values in evaluator.floor_scores("canny").items():
             np.testing.assert_allclose(scores[metric], values, atol=1e-6, err_msg=metric)
+
+
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_real_scale_recipe_loads_and_its_freezing_fits_the_familys_controlnet(tiny_family_dir, name):
+    from metacontrol.config import MetaTrainConfig
+    from metacontrol.config_loader import load_config
+    from metacontrol.freezing import trainable_parameters
+    from tests.conftest import REPO
+
+    cfg = load_config(MetaTrainConfig, REPO / f"configs/meta_{name}.yaml")
+    assert (cfg.resolution, cfg.mixed_precision, cfg.gradient_checkpointing, cfg.cache) == (1024, "bf16", True, "latents")
+    controlnet = create_controlnet(load_base_model(str(tiny_family_dir(name))))
+    total = sum(p.numel() for p in controlnet.parameters())
+    for phase in ("inner", "outer"):
+        trained = sum(p.numel() for p in trainable_parameters(controlnet, getattr(cfg.freeze, phase), phase))
+        assert 0 < trained <= total
+
+
+@pytest.mark.parametrize("name", ["sdxl", "flux"])
+def test_generate_command_makes_an_image_with_any_family(family_runs, name, tmp_path):
+    from PIL import Image
+
+    from metacontrol.commands import generate_image
+
+    family, base_dir, root = family_runs
+    if family != name:
+        pytest.skip(f"runs of {family}")
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "map.png")
+    image = generate_image(str(root / "reptile"), tmp_path / "map.png", PROMPTS[0], base=str(base_dir), steps=2)
+    assert image.size == (32, 32)

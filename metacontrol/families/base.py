@@ -36,6 +36,7 @@ class ModelFamily:
     controlnet_class: ClassVar[str]  # the diffusers ControlNet class
     denoiser_folder: ClassVar[str]
     denoiser_class: ClassVar[str]
+    denoiser_label: ClassVar[str]  # how errors name it
     scheduler_class: ClassVar[str]  # the training noise schedule, read from the base's scheduler/ folder
     # (text encoder subfolder, its transformers class, tokenizer subfolder), in the pipeline's order
     text_encoders: ClassVar[tuple[tuple[str, str, str], ...]]
@@ -86,7 +87,7 @@ class ModelFamily:
             if key == "down_block_types" and mine is not None:
                 mine, theirs = [b.replace("Cross", "") for b in mine], [b.replace("Cross", "") for b in theirs]
             if list(mine) != list(theirs) if isinstance(mine, (list, tuple)) else mine != theirs:
-                problems.append(f"{key}: ControlNet has {mine}, base {self.denoiser_folder} has {theirs}")
+                problems.append(f"{key}: ControlNet has {mine}, base {self.denoiser_label} has {theirs}")
         problems += self._more_problems(controlnet, base)
         if problems:
             raise ConfigError(f"ControlNet {source} does not fit the base model: " + "; ".join(problems))
@@ -101,6 +102,7 @@ class UNetFamily(ModelFamily):
     controlnet_class = "ControlNetModel"
     denoiser_folder = "unet"
     denoiser_class = "UNet2DConditionModel"
+    denoiser_label = "UNet"
     scheduler_class = "DDPMScheduler"
     lora_target_modules = LORA_TARGET_MODULES
     lora_fully_trained = LORA_FULLY_TRAINED
@@ -169,6 +171,7 @@ class FlowFamily(ModelFamily):
     condition map enters as VAE latents (posterior mean, shifted and scaled as the image's)."""
 
     denoiser_folder = "transformer"
+    denoiser_label = "transformer"
     scheduler_class = "FlowMatchEulerDiscreteScheduler"
     control_image_argument = "control_image"
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
