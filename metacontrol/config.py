@@ -112,11 +112,20 @@ class SourceConfig:
 class DataConfig(SourceConfig):
     """Meta-training's tasks and where their examples come from."""
 
+    # condition names, generated tasks (gen-<kind>-<seed>) or families of them (gen:<kind>+<kind>:<count>:<seed>,
+    # expanded here into their names: metacontrol/conditions/generated.py)
     tasks: list[str] = field(default_factory=lambda: ["canny", "hed", "depth", "pose"])
     pool_size: int = 512  # synthetic scenes per task pool, rendered once at start-up
+    # the conditions kept for evaluation: no generated task may be made from what they show
+    held_out: list[str] = field(default_factory=lambda: ["seg", "normal", "scribble", "lineart"])
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if any(task.startswith("gen") for task in self.tasks):
+            from metacontrol.conditions.generated import check_held_out, expand_tasks
+
+            self.tasks = expand_tasks(self.tasks)
+            check_held_out(self.tasks, self.held_out)
         check(len(self.tasks) >= 1, "tasks", self.tasks, "at least one condition name")
         check(len(set(self.tasks)) == len(self.tasks), "tasks", self.tasks, "no repeated task")
         check(self.pool_size >= 8, "pool_size", self.pool_size, "at least 8")

@@ -92,11 +92,18 @@ def register(cls: type[Condition]) -> type[Condition]:
 
 
 def get_condition(name: str) -> Condition:
-    try:
+    """A built-in condition, or a generated task (``gen-...``, made from its name once: ``conditions/generated.py``)."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise ConfigError(f"unknown condition {name!r}; known conditions: {', '.join(sorted(_REGISTRY))}") from None
+    if name.startswith("gen-"):
+        from metacontrol.conditions.generated import make
+
+        _REGISTRY[name] = make(name)
+        return _REGISTRY[name]
+    raise ConfigError(f"unknown condition {name!r}; known conditions: {', '.join(condition_names())} "
+                      "and generated tasks (gen-<kind>-<seed>)")
 
 
 def condition_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """The built-in conditions (generated tasks are made on demand and not listed)."""
+    return sorted(name for name in _REGISTRY if not name.startswith("gen-"))
