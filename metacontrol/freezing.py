@@ -35,6 +35,7 @@ def preset_patterns(preset: str, model: torch.nn.Module) -> list[str]:
     diffusers names that is the *last* ``down_blocks`` entry (``down_blocks.3`` for SD 1.x) and ``mid_block``.
     ``later_blocks`` (transformer ControlNets): the second half of each kind of transformer block.
     ``zero_convs_only``: everything but the zero-initialised output layers is frozen.
+    ``embedding_and_zero_convs`` (partial adaptation): those and the condition's embedding train, nothing else.
     """
     if preset == "none":
         return []

@@ -4,8 +4,9 @@ Plain names, free of torch and peft, so that a configuration loads and fails in 
 before a training script imports anything heavy. What the names mean: ``freezing.py`` and ``lora.py``.
 """
 
-# freezing.preset_patterns; paper: UNet ControlNets (SD, SDXL), later_blocks: transformer ones (SD3, Flux)
-PRESETS = ("none", "paper", "zero_convs_only", "later_blocks")
+# freezing.preset_patterns; paper: UNet ControlNets (SD, SDXL), later_blocks: transformer ones (SD3, Flux);
+# embedding_and_zero_convs: partial adaptation (ANIL / CAVIA style: only the condition's way in and out trains)
+PRESETS = ("none", "paper", "zero_convs_only", "later_blocks", "embedding_and_zero_convs")
 
 # Layers that get a LoRA: attention projections and the convolutions of the resnets and of the
 # condition encoder. Patterns over Linear/Conv2d names (``freezing.matches``: ``to_q`` is every ``*.to_q``).

@@ -188,6 +188,20 @@ def test_paper_freeze_leaves_last_encoder_block_and_middle_untouched(tiny_sd_dir
     assert any(not torch.equal(trained[k], initial[k]) for k in trained if k.startswith("controlnet_down_blocks"))
 
 
+def test_partial_adaptation_moves_only_the_condition_embedding_and_zero_convs(tiny_sd_dir, tmp_path):
+    """ANIL / CAVIA-style partial adaptation (``embedding_and_zero_convs``): the inner loop and the outer step
+    change the condition's embedding and the zero convolutions, every other weight stays as it started."""
+    out = tmp_path / "partial"
+    run_script([PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=2",
+                                                          "freeze.inner=embedding_and_zero_convs",
+                                                          "freeze.outer=embedding_and_zero_convs")])
+    trained, initial = _weights(out), _initial_controlnet(tiny_sd_dir).state_dict()
+    moved = {k for k in trained if not torch.equal(trained[k], initial[k])}
+    adapted = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+    assert moved and all(k.startswith(adapted) for k in moved)
+    assert any(k.startswith("controlnet_cond_embedding.") for k in moved)
+
+
 def test_bf16_run_starts_from_the_fp32_unet_bit_for_bit(tiny_sd_dir, tmp_path):
     """The ControlNet is copied from the UNet before the base is cast to bf16, not from a rounded copy."""
     from accelerate.state import AcceleratorState

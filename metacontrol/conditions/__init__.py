@@ -2,7 +2,7 @@
 
 from metacontrol.conditions import builtin as _builtin  # noqa: F401  (registers the built-in conditions)
 from metacontrol.conditions.annotators import AnnotatorSpec, AnnotatorUnavailable, load_annotator
-from metacontrol.conditions.base import Condition, condition_names, get_condition, register
+from metacontrol.conditions.base import Condition, condition_names, get_condition, register, task_list
 
 META_TRAIN_CONDITIONS = ("canny", "hed", "depth", "pose")
 HELD_OUT_CONDITIONS = ("seg", "normal", "scribble", "lineart")
@@ -17,4 +17,5 @@ __all__ = [
     "get_condition",
     "load_annotator",
     "register",
+    "task_list",
 ]

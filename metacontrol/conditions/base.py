@@ -104,6 +104,14 @@ def get_condition(name: str) -> Condition:
                       "and generated tasks (gen-<kind>-<seed>)")
 
 
+def task_list(tasks: list[str], shown: int = 6) -> str:
+    """Task names for a log line or a card: all built-in ones, and at most ``shown`` generated ones with a count."""
+    generated = [t for t in tasks if t.startswith("gen-")]
+    named = [t for t in tasks if not t.startswith("gen-")] + generated[:shown]
+    rest = len(generated) - shown
+    return ", ".join(named) + (f" and {rest} more generated tasks ({len(generated)} in all)" if rest > 0 else "")
+
+
 def condition_names() -> list[str]:
     """The built-in conditions (generated tasks are made on demand and not listed)."""
     return sorted(name for name in _REGISTRY if not name.startswith("gen-"))

@@ -37,6 +37,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from metacontrol.atomic import atomic_write_bytes
+from metacontrol.conditions import task_list
 from metacontrol.data.datasets import CACHE_FOLDER
 from metacontrol.data.pools import TaskData, cached_keys
 from metacontrol.models.base import BaseModel, Encoders
@@ -290,7 +291,7 @@ def attach_encodings(data: dict[str, TaskData], base: BaseModel, cache_dir: str 
         used[task] = stores[directory]
     for store in stores.values():
         tasks = [task for task, used_store in used.items() if used_store is store]
-        names = ", ".join(tasks)
+        names = task_list(tasks)
         started = time.perf_counter()
         with state.local_main_process_first():
             encodings = store.load_or_encode(data[tasks[0]], base, show_progress, f"encode {names}")

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
-from metacontrol.conditions import get_condition
+from metacontrol.conditions import get_condition, task_list
 from metacontrol.data.datasets import SPLIT_SEED_OFFSETS
 from metacontrol.world import Scene, SceneWorld, WorldConfig
 
@@ -214,7 +214,7 @@ def warn_unknown_words(data: dict[str, TaskData], tokenizer: PreTrainedTokenizer
         common = Counter(word.lower() for caption in words for word in caption if word in unknown)
         examples = ", ".join(repr(word) for word, _ in common.most_common(UNKNOWN_EXAMPLES))
         logger.warning("%d of %d captions of %s contain words unknown to the tokenizer (e.g. %s); they become %s",
-                       hits, len(captions), ", ".join(tasks), examples, tokenizer.unk_token)
+                       hits, len(captions), task_list(list(tasks)), examples, tokenizer.unk_token)
 
 
 def _chw(array: np.ndarray) -> torch.Tensor:

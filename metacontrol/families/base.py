@@ -133,6 +133,9 @@ class UNetFamily(ModelFamily):
             return [f"down_blocks.{len(controlnet.down_blocks) - 1}.*", "mid_block.*"]
         if preset == "zero_convs_only":
             return _all_but(controlnet, ("controlnet_down_blocks.*", "controlnet_mid_block.*"))
+        if preset == "embedding_and_zero_convs":  # the condition encoder trains too
+            return _all_but(controlnet, ("controlnet_cond_embedding.*", "controlnet_down_blocks.*",
+                                         "controlnet_mid_block.*"))
         raise ConfigError(f"freeze preset {preset!r} is for transformer ControlNets (SD3, Flux); "
                           f"{self.name} has paper, zero_convs_only, none")
 
@@ -196,7 +199,7 @@ class FlowFamily(ModelFamily):
                 count = len(getattr(controlnet, blocks, []))
                 patterns += [f"{blocks}.{i}.*" for i in range(count // 2, count)]
             return patterns
-        if preset == "zero_convs_only":
+        if preset in ("zero_convs_only", "embedding_and_zero_convs"):  # the condition's embedding is a zero layer here
             return _all_but(controlnet, tuple(f"{layer}.*" for layer in self.zero_layers))
         raise ConfigError(f"freeze preset {preset!r} is SD's encoder-block preset; {self.name}'s transformer "
                           "ControlNet has later_blocks, zero_convs_only, none")

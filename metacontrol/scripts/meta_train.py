@@ -21,6 +21,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from metacontrol.checkpointing import TrainingProgress, TrainingState, save_training_state, stop_on_signals
+from metacontrol.conditions import task_list
 from metacontrol.config import SCRIPT_CONFIGS, MetaTrainConfig
 from metacontrol.config_loader import config_argument_parser, load_config
 from metacontrol.data.loader import planned_batches
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> Path:
                         "`train/evaluate.py` and BENCHMARKS.md of metacontrol.\n\n", base.family)
     accelerator.end_training()
     if accelerator.is_main_process:
-        print(f"meta_train: {m.algorithm} over {', '.join(cfg.data.tasks)} for {progress.step} meta-steps "
+        print(f"meta_train: {m.algorithm} over {task_list(cfg.data.tasks)} for {progress.step} meta-steps "
               f"in {(time.time() - start) / 60:.1f} min; ControlNet: {final} (load with "
               f"ControlNetModel.from_pretrained); state: {output_dir}/checkpoint-*; logs: {output_dir / cfg.logging_dir}")
     return final
@@ -176,7 +177,7 @@ def card_rows(cfg: MetaTrainConfig, meta_steps: int, last_logs: dict[str, float]
     samples, steps = m.data_budget()
     start = cfg.controlnet_model_name_or_path
     return {
-        "tasks (conditions)": ", ".join(cfg.data.tasks),
+        "tasks (conditions)": task_list(cfg.data.tasks, shown=20),
         "data": cfg.data.source if cfg.data.source != "synthetic" else
         f"synthetic world, {cfg.data.pool_size} scenes per task, {cfg.resolution} px",
         "algorithm": m.algorithm + (f", LoRA start (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}; "
