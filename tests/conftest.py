@@ -85,15 +85,21 @@ def run_script(args: list[str], env: dict[str, str] | None = None, timeout: int 
                check: bool = True, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a command (from the repo root unless ``cwd``) in a real subprocess, returning its output."""
     result = subprocess.run(args, cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-5000:]}")
+    return _succeeded(result) if check else result
+
+
+def _succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``result``, or an AssertionError with the ends of its output if it failed."""
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
 
 
 def run_side_by_side(commands: list[list[str]], env: dict[str, str] | None = None,
                      timeout: int = 300) -> list[subprocess.CompletedProcess]:
-    """Independent one-thread scripts at once (one per core), each checked as ``run_script`` checks one."""
+    """Scripts at once (independent one-thread runs, one per core, or the nodes of one job), each checked as
+    ``run_script`` checks one; all are killed at the end, so a hang fails at ``timeout``."""
     processes = [subprocess.Popen(c, cwd=REPO, env=script_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for c in commands]
     try:
@@ -101,13 +107,8 @@ def run_side_by_side(commands: list[list[str]], env: dict[str, str] | None = Non
     finally:
         for p in processes:
             p.kill()
-    results = [subprocess.CompletedProcess(c, p.returncode, out, err)
-               for c, p, (out, err) in zip(commands, processes, outputs)]
-    for result in results:
-        if result.returncode != 0:
-            raise AssertionError(f"{' '.join(map(str, result.args))} failed ({result.returncode}):\n"
-                                 f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return results
+    return [_succeeded(subprocess.CompletedProcess(c, p.returncode, out, err))
+            for c, p, (out, err) in zip(commands, processes, outputs)]
 
 
 def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -20,6 +20,7 @@ from tests.conftest import (
     free_port,
     meta_train_args,
     run_script,
+    run_side_by_side,
     script_env,
     torchrun,
 )
@@ -104,15 +105,8 @@ def test_two_nodes_equal_one_process(reference_run, tiny_sd_dir, tmp_path):
     agents with node ranks 0 and 1 meeting at a localhost rendezvous (gloo)."""
     out, port = tmp_path / "two-nodes", free_port()
     args = meta_train_args(tiny_sd_dir, out, "meta.max_meta_steps=6")
-    nodes = [subprocess.Popen(torchrun("meta_train.py", *args, nnodes=2, node_rank=rank, port=port), cwd=REPO,
-                              env=script_env({"ACCELERATE_USE_CPU": "1"}), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
-    try:
-        results = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in results)
+    run_side_by_side([torchrun("meta_train.py", *args, nnodes=2, node_rank=rank, port=port) for rank in (0, 1)],
+                     env={"ACCELERATE_USE_CPU": "1"})
     _assert_same_weights(out, reference_run)
 
 

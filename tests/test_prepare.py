@@ -53,7 +53,7 @@ def test_prepared_shards_hold_the_photos_their_maps_and_encodings(prepared, tiny
         assert np.array_equal(np.asarray(table[i]["image"]), image) and table[i]["text"] == line["text"]
         assert np.array_equal(np.asarray(table[i]["conditioning_image"]),
                               get_condition("hed").annotate(image, str(annotators)))
-        mean, std = encode_images(base.encoders, torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)
+        mean, std = encode_images(base, torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1)
         index = torch.tensor([i])
         torch.testing.assert_close(encodings["latent_mean"][index], mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(encodings["latent_std"][index], std, rtol=1e-4, atol=1e-5)

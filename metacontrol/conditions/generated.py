@@ -41,8 +41,7 @@ class GeneratedCondition(Condition):
 
     def __init__(self, name: str, seed: int) -> None:
         self.name = name  # type: ignore[misc]  (an instance's name: these are made per task, not registered)
-        self.rng = np.random.default_rng(seed)
-        self.draw(self.rng)
+        self.draw(np.random.default_rng(seed))
 
     def draw(self, rng: np.random.Generator) -> None:
         """Fix the transform's parameters (called once, from the name's seed)."""

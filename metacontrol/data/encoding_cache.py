@@ -91,23 +91,22 @@ def _tokenizer_sha256(tokenizer: Any) -> str:
     return hashlib.sha256(json.dumps([head, spec], sort_keys=True).encode()).hexdigest()
 
 
-def model_material(base: Encoders | BaseModel) -> dict[str, Any]:
+def model_material(base: Encoders) -> dict[str, Any]:
     """What identifies the encoders of ``base``, for the cache key (computed once per run). A second text
     and third text encoder (SDXL, SD3, Flux) add their configs and tokenizers; SD 1.x/2.x's material is what it always was."""
-    encoders = base if isinstance(base, Encoders) else base.encoders
     material = {
         "location": base.location,
         "vae_config": _config(base.vae.config),
         "text_encoder_config": _config(base.text_encoder.config),
-        "weights_sha256": _weights_sha256([base.vae, *encoders.text_modules]),
+        "weights_sha256": _weights_sha256([base.vae, *base.text_modules]),
         "tokenizer_sha256": _tokenizer_sha256(base.tokenizer),
         "dtype": str(base.vae.dtype),
         "versions": {name: importlib.metadata.version(name) for name in LIBRARIES},
     }
     for n in (2, 3):
-        if (encoder := getattr(encoders, f"text_encoder_{n}")) is not None:
+        if (encoder := getattr(base, f"text_encoder_{n}")) is not None:
             material[f"text_encoder_{n}_config"] = _config(encoder.config)
-            material[f"tokenizer_{n}_sha256"] = _tokenizer_sha256(getattr(encoders, f"tokenizer_{n}"))
+            material[f"tokenizer_{n}_sha256"] = _tokenizer_sha256(getattr(base, f"tokenizer_{n}"))
     return material
 
 
@@ -152,7 +151,7 @@ def encode_samples(data: TaskData, base: BaseModel, rows: range | None = None, b
 
 
 @torch.no_grad()
-def encode_images(encoders: Encoders | BaseModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(encoders: Encoders, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior (mean, std) of (N, 3, H, W) pixels in [-1, 1], fp32 on the CPU."""
     dist = encoders.vae.encode(pixel_values.to(encoders.vae.device, encoders.vae.dtype)).latent_dist
     return dist.mean.float().cpu(), dist.std.float().cpu()

@@ -204,12 +204,16 @@ class FlowFamily(ModelFamily):
         raise ConfigError(f"freeze preset {preset!r} is SD's encoder-block preset; {self.name}'s transformer "
                           "ControlNet has later_blocks, zero_convs_only, none")
 
+    def control_shift(self, base: BaseModel, controlnet: torch.nn.Module) -> float:
+        """What the ControlNet pipeline subtracts from the condition's latents before scaling: the VAE's shift."""
+        return base.vae.config.shift_factor or 0.0
+
     def encode_control(self, base: BaseModel, cond: torch.Tensor, controlnet: torch.nn.Module) -> torch.Tensor:
         """Condition maps in [0, 1] -> shifted, scaled VAE latents (posterior mean), in ``cond``'s dtype, as the
         family's ControlNet pipeline encodes them for ``controlnet``."""
         vae = base.vae
         dist = vae.encode((cond * 2 - 1).to(vae.dtype)).latent_dist
-        return ((dist.mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(cond.dtype)
+        return ((dist.mean - self.control_shift(base, controlnet)) * vae.config.scaling_factor).to(cond.dtype)
 
     def predict(self, base: BaseModel, controlnet: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 embeds: Embeds, control: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:

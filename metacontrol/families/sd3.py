@@ -61,12 +61,9 @@ class StableDiffusion3(FlowFamily):
         base.denoiser.register_to_config(**config)  # from_transformer writes num_layers into the transformer's config
         return controlnet
 
-    def encode_control(self, base: BaseModel, cond: torch.Tensor, controlnet: Any) -> torch.Tensor:
-        vae = base.vae
-        shift = 0.0 if controlnet.config.force_zeros_for_pooled_projection else (
-            vae.config.shift_factor or 0.0)
-        dist = vae.encode((cond * 2 - 1).to(vae.dtype)).latent_dist
-        return ((dist.mean - shift) * vae.config.scaling_factor).to(cond.dtype)
+    def control_shift(self, base: BaseModel, controlnet: Any) -> float:
+        # InstantX-style ControlNets (force_zeros_for_pooled_projection) see unshifted latents in the pipeline
+        return 0.0 if controlnet.config.force_zeros_for_pooled_projection else super().control_shift(base, controlnet)
 
     def predict(self, base: BaseModel, controlnet: Any, noisy: torch.Tensor, timesteps: torch.Tensor,
                 embeds: Embeds, control: torch.Tensor, weight_dtype: torch.dtype) -> torch.Tensor:

@@ -66,44 +66,27 @@ class Encoders:
         return self.family.encode_prompts(self, prompts)
 
 
-@dataclass
-class BaseModel:
-    """The Stable-Diffusion components a ControlNet is trained against."""
+@dataclass(kw_only=True)
+class BaseModel(Encoders):
+    """The components a ControlNet is trained against: the encoders, the frozen denoiser and its noise schedule."""
 
-    vae: AutoencoderKL
     denoiser: torch.nn.Module  # UNet2DConditionModel (SD, SDXL), SD3Transformer2DModel, FluxTransformer2DModel
-    text_encoder: CLIPTextModel
-    tokenizer: PreTrainedTokenizerBase
     noise_scheduler: Any  # the training schedule: DDPMScheduler (UNet families) or FlowMatchEulerDiscreteScheduler
-    location: str
-    family: ModelFamily = SD
-    text_encoder_2: Any = None
-    tokenizer_2: Any = None
-    text_encoder_3: Any = None
-    tokenizer_3: Any = None
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def freeze(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> BaseModel:
-        """Frozen and in eval mode: these never train here. Only the UNet, which runs every step, is cast to
+        """Frozen and in eval mode: these never train here. Only the denoiser, which runs every step, is cast to
         the mixed-precision weight dtype. The encoders stay fp32: their outputs are cached once per dataset,
         so the cache does not depend on the run's precision, and SD VAEs are ``force_upcast`` (they overflow
         in fp16)."""
-        for module in (self.vae, self.denoiser, *self.encoders.text_modules):
+        for module in (self.vae, self.denoiser, *self.text_modules):
             module.requires_grad_(False)
             module.eval()
             module.to(device=device, dtype=dtype if module is self.denoiser else torch.float32)
         return self
-
-    @property
-    def encoders(self) -> Encoders:
-        return Encoders(self.vae, self.text_encoder, self.tokenizer, self.location, self.family,
-                        self.text_encoder_2, self.tokenizer_2, self.text_encoder_3, self.tokenizer_3)
-
-    def encode_prompts(self, prompts: list[str]) -> Embeds:
-        return self.encoders.encode_prompts(prompts)
 
 
 def local_folder(location: str, what: str) -> Path | None:
@@ -162,39 +145,35 @@ def _loader(location: str, revision: str | None, skip: tuple[str, ...] = ()) -> 
     return (str(folder) if folder is not None else location), ({"revision": revision} if revision else {}), family
 
 
+def _encoder_parts(source: str, kwargs: dict, family: ModelFamily) -> dict[str, Any]:
+    """The VAE and the family's text encoders and tokenizers, by their pipeline names."""
+    parts: dict[str, Any] = {"vae": AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)}
+    for encoder, cls, tokenizer in family.text_encoders:
+        parts[encoder] = getattr(transformers, cls).from_pretrained(source, subfolder=encoder, **kwargs)
+        parts[tokenizer] = AutoTokenizer.from_pretrained(source, subfolder=tokenizer, **kwargs)
+    return parts
+
+
 def load_encoders(location: str, revision: str | None = None) -> Encoders:
     """The VAE, text encoders and tokenizers of a base model (no denoiser: a third of SD 1.5's bytes saved)."""
     source, kwargs, family = _loader(location, revision, skip=("unet", "transformer", "scheduler"))
     try:
-        texts: dict[str, Any] = {}
-        for encoder, cls, tokenizer in family.text_encoders:
-            texts[encoder] = getattr(transformers, cls).from_pretrained(source, subfolder=encoder, **kwargs)
-            texts[tokenizer] = AutoTokenizer.from_pretrained(source, subfolder=tokenizer, **kwargs)
-        return Encoders(vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs), location=location,
-                        family=family, **texts)
+        return Encoders(location=location, family=family, **_encoder_parts(source, kwargs, family))
     except OSError as err:
         raise _cannot_load(location, err) from None
 
 
 def load_base_model(location: str, revision: str | None = None) -> BaseModel:
-    """Load a base model's components from a local diffusers folder or a Hub id (``revision`` for the Hub)."""
+    """Load a base model's components from a local diffusers folder or a Hub id (``revision`` for the Hub); its
+    family is read once."""
     source, kwargs, family = _loader(location, revision)
-    encoders = load_encoders(location, revision)
     try:
         return BaseModel(
-            vae=encoders.vae,
+            location=location, family=family, **_encoder_parts(source, kwargs, family),
             denoiser=getattr(diffusers, family.denoiser_class).from_pretrained(
                 source, subfolder=family.denoiser_folder, **kwargs),
-            text_encoder=encoders.text_encoder,
-            tokenizer=encoders.tokenizer,
             noise_scheduler=getattr(diffusers, family.scheduler_class).from_pretrained(
                 source, subfolder="scheduler", **kwargs),
-            location=location,
-            family=family,
-            text_encoder_2=encoders.text_encoder_2,
-            tokenizer_2=encoders.tokenizer_2,
-            text_encoder_3=encoders.text_encoder_3,
-            tokenizer_3=encoders.tokenizer_3,
         )
     except OSError as err:
         raise _cannot_load(location, err) from None
