@@ -133,9 +133,10 @@ class DataConfig(SourceConfig):
 
 @dataclass
 class MetaConfig:
-    """The outer and inner loops. ``joint`` is the multi-task baseline on the same data budget."""
+    """The outer and inner loops. ``joint`` is the multi-task baseline on the same data budget; ``lora_ml`` is
+    joint training with one LoRA of rank ``lora_rank`` per task beside the shared ControlNet (LoRA-ML)."""
 
-    algorithm: Literal["reptile", "fomaml", "joint"] = "reptile"
+    algorithm: Literal["reptile", "fomaml", "joint", "lora_ml"] = "reptile"
     max_meta_steps: int = 300
     tasks_per_meta_step: int = 2
     inner_steps: int = 4
@@ -153,10 +154,12 @@ class MetaConfig:
     # clips the meta-gradient of Reptile / FOMAML before the outer step (0: off). Off by default: for Reptile
     # with SGD a clipped theta - phi would change the meta step size epsilon from step to step.
     outer_max_grad_norm: float = 0.0
-    # > 0: meta-learn a LoRA start instead: the ControlNet (controlnet_model_name_or_path, e.g. a joint one) stays
-    # as it is and only LoRA adapters of this rank plus the zero convolutions train, in both loops.
+    # > 0 with reptile / fomaml: meta-learn a LoRA start instead: the ControlNet (controlnet_model_name_or_path, e.g.
+    # a joint one) stays as it is and only LoRA adapters of this rank plus the zero convolutions train, in both loops.
+    # With lora_ml: the rank of each task's own adapter (the shared ControlNet trains whole).
     lora_rank: int = 0
     lora_alpha: float | None = None  # null: lora_rank
+    lora_learning_rate: float | None = None  # lora_ml: the task adapters' rate (null: outer_learning_rate)
 
     def __post_init__(self) -> None:
         for key in ("max_meta_steps", "tasks_per_meta_step", "inner_steps", "support_batch_size", "query_batch_size"):
@@ -170,11 +173,15 @@ class MetaConfig:
         check(self.outer_max_grad_norm >= 0, "outer_max_grad_norm", self.outer_max_grad_norm,
               ">= 0 (0 disables clipping)")
         check(self.lora_rank >= 0, "lora_rank", self.lora_rank, ">= 0 (0: the whole ControlNet trains)")
+        check(self.lora_learning_rate is None or self.lora_learning_rate > 0, "lora_learning_rate",
+              self.lora_learning_rate, "null or > 0")
+        check(self.algorithm != "lora_ml" or self.lora_rank >= 1, "lora_rank", self.lora_rank,
+              "a positive integer with algorithm lora_ml (the rank of each task's adapter)")
 
     def data_budget(self) -> tuple[int, str]:
         """Samples seen and optimiser steps of a whole run, so recipes can be compared at equal budgets."""
         tasks, steps, inner = self.tasks_per_meta_step, self.max_meta_steps, self.inner_steps
-        if self.algorithm == "joint":
+        if self.algorithm in ("joint", "lora_ml"):
             return steps * inner * tasks * self.support_batch_size, f"{steps * inner:,} optimiser steps"
         query = self.query_batch_size if self.algorithm == "fomaml" else 0
         samples = steps * tasks * (inner * self.support_batch_size + query)
@@ -204,7 +211,8 @@ class MetaTrainConfig(RunConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check(self.meta.lora_rank == 0 or self.freeze.inner == self.freeze.outer == "none", "freeze",
+        check(self.meta.lora_rank == 0 or self.meta.algorithm == "lora_ml"
+              or self.freeze.inner == self.freeze.outer == "none", "freeze",
               f"{self.freeze.inner} / {self.freeze.outer}",
               "'none' for both phases when meta.lora_rank > 0 (the adapters and zero convolutions are what trains)")
 

@@ -1,4 +1,4 @@
-"""Meta-train a ControlNet initialisation over several condition tasks (Reptile, FOMAML or joint).
+"""Meta-train a ControlNet initialisation over several condition tasks (Reptile, FOMAML, joint or LoRA-ML).
 
     accelerate launch meta_train.py [--config configs/meta_tiny.yaml] [key=value ...]
     metacontrol meta-train [--config configs/meta_tiny.yaml] [key=value ...]
@@ -30,6 +30,7 @@ from metacontrol.freezing import freeze_table, set_requires_grad, trainable_para
 from metacontrol.lora import add_lora, controlnet_of
 from metacontrol.meta.algorithms import MetaLearner, outer_step
 from metacontrol.meta.episodes import TaskSampler, episode_loss
+from metacontrol.meta.task_loras import TaskLoRAs, with_task_adapter
 from metacontrol.objective import ControlNetObjective
 from metacontrol.processes import agreed, mean_over_processes
 from metacontrol.run import resume_or_start, save_result, set_up_run
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> Path:
     accelerator, base, controlnet = run.accelerator, run.base, run.controlnet
 
     # -- what trains in which phase --------------------------------------------------------------------
-    if m.lora_rank:  # a meta-learned LoRA start: only adapters and zero convolutions train, in both loops
+    if m.lora_rank and m.algorithm != "lora_ml":  # a meta-learned LoRA start: adapters and zero convs train
         model: torch.nn.Module = add_lora(controlnet, rank=m.lora_rank, alpha=m.lora_alpha)
         inner_params = outer_params = [p for p in model.parameters() if p.requires_grad]
         logger.info("LoRA rank %d: %s of %s parameters train", m.lora_rank,
@@ -64,6 +65,13 @@ def main(argv: list[str] | None = None) -> Path:
         set_requires_grad(controlnet, inner_params + outer_params)  # frozen in both phases: no backward, no .grad
         logger.info("ControlNet parameters per phase:\n%s",
                     freeze_table(controlnet, {"inner": cfg.freeze.inner, "outer": cfg.freeze.outer}))
+    task_adapters, adapter_params = None, []
+    if m.algorithm == "lora_ml":  # one adapter per task trains beside the shared ControlNet, which alone ships
+        task_adapters = TaskLoRAs(controlnet, cfg.data.tasks, rank=m.lora_rank, alpha=m.lora_alpha, seed=cfg.seed)
+        adapter_params = list(task_adapters.parameters())
+        logger.info("LoRA-ML: a rank-%d adapter per task on %d layers, %s parameters for %d tasks", m.lora_rank,
+                    len(task_adapters.layer_names), f"{sum(p.numel() for p in adapter_params):,}", len(cfg.data.tasks))
+    updated = outer_params + adapter_params  # what the outer optimiser steps
 
     # -- data, episodes, objective --------------------------------------------------------------------
     data = load_task_data(cfg.data, cfg.data.tasks, cfg.resolution, base, cache=cfg.cache, cache_dir=cfg.cache_dir,
@@ -78,24 +86,27 @@ def main(argv: list[str] | None = None) -> Path:
                           num_processes=accelerator.num_processes)
     objective = ControlNetObjective(base, model, run.weight_dtype, accelerator.autocast)
     grad_scaler = torch.amp.GradScaler(accelerator.device.type) if accelerator.mixed_precision == "fp16" else None
-    learner = MetaLearner(inner_params, outer_params, algorithm=m.algorithm, inner_optimizer=m.inner_optimizer,
+    joint = m.algorithm in ("joint", "lora_ml")  # plain steps on every task's batch, no inner loop
+    learner = MetaLearner(inner_params, updated, algorithm="joint" if joint else m.algorithm,
+                          inner_optimizer=m.inner_optimizer,
                           inner_learning_rate=m.inner_learning_rate, max_grad_norm=m.max_grad_norm,
                           grad_scaler=grad_scaler, inner_betas=tuple(m.inner_betas))
     reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
 
-    # -- outer optimiser (the only optimiser for `joint`) ---------------------------------------------
-    joint = m.algorithm == "joint"
+    # -- outer optimiser (the only optimiser for `joint` and `lora_ml`) ---------------------------------
     optimizer_steps = m.max_meta_steps * (m.inner_steps if joint else 1)
-    if m.outer_optimizer == "sgd":
-        outer_optimizer = torch.optim.SGD(outer_params, lr=m.outer_learning_rate, weight_decay=m.outer_weight_decay)
-    else:
-        outer_optimizer = torch.optim.AdamW(outer_params, lr=m.outer_learning_rate, weight_decay=m.outer_weight_decay)
+    groups = [{"params": outer_params}]
+    if adapter_params:  # LoRA learns at about 10x full training's rate (diffusers' LoRA examples)
+        groups.append({"params": adapter_params, "lr": m.lora_learning_rate or m.outer_learning_rate})
+    optimizer_class = torch.optim.SGD if m.outer_optimizer == "sgd" else torch.optim.AdamW
+    outer_optimizer = optimizer_class(groups, lr=m.outer_learning_rate, weight_decay=m.outer_weight_decay)
     lr_scheduler = get_scheduler(m.lr_scheduler, outer_optimizer, num_warmup_steps=m.lr_warmup_steps,
                                  num_training_steps=optimizer_steps)
     progress = TrainingProgress()
     # Not `prepare`d on purpose: DDP would all-reduce the inner loop's gradients across *different*
     # tasks. The meta-gradient is averaged by hand, once per meta-step (MetaLearner.finish).
-    state = TrainingState(model, list(dict.fromkeys(inner_params + outer_params)), outer_optimizer, lr_scheduler,
+    trained = model if task_adapters is None else torch.nn.ModuleDict({"controlnet": model, "task_adapters": task_adapters})
+    state = TrainingState(trained, list(dict.fromkeys(inner_params + updated)), outer_optimizer, lr_scheduler,
                           progress, grad_scaler)
     resume_or_start(cfg, accelerator, state, config_name="meta_train_config.yaml", project="metacontrol",
                     unit="meta-step")
@@ -122,11 +133,12 @@ def main(argv: list[str] | None = None) -> Path:
             for k in range(m.inner_steps):
                 with agreed(accelerator, where):  # every process learns of a failure before the all-reduce
                     for e, loss in zip(episodes, learner.joint_gradients(
-                            [episode_loss(objective, batches[e.slot, k], e, k) for e in episodes])):
+                            [with_task_adapter(task_adapters, e.task, episode_loss(objective, batches[e.slot, k], e, k))
+                             for e in episodes])):
                         losses["loss"].append(loss)
                         losses[f"loss/{e.task}"].append(loss)
                 learner.finish(m.tasks_per_meta_step, reduce_sum)
-                grad_norm = outer_step(outer_optimizer, lr_scheduler, outer_params, m.max_grad_norm)
+                grad_norm = outer_step(outer_optimizer, lr_scheduler, updated, m.max_grad_norm)
         else:
             with agreed(accelerator, where):
                 learner.begin()
@@ -141,7 +153,7 @@ def main(argv: list[str] | None = None) -> Path:
                         losses["query_loss"].append(query)
                         losses[f"query_loss/{e.task}"].append(query)
             learner.finish(m.tasks_per_meta_step, reduce_sum)
-            grad_norm = outer_step(outer_optimizer, lr_scheduler, outer_params, m.outer_max_grad_norm)
+            grad_norm = outer_step(outer_optimizer, lr_scheduler, updated, m.outer_max_grad_norm)
         progress.step += 1
         bar.update(1)
         logs = {**mean_over_processes(accelerator, losses), "meta_grad_norm": grad_norm,
@@ -182,7 +194,9 @@ def card_rows(cfg: MetaTrainConfig, meta_steps: int, last_logs: dict[str, float]
         f"synthetic world, {cfg.data.pool_size} scenes per task, {cfg.resolution} px",
         "algorithm": m.algorithm + (f", LoRA start (rank {m.lora_rank}, alpha {m.lora_alpha or m.lora_rank}; "
                                     "adapters + zero convolutions train, adapter in lora/, merged here)"
-                                    if m.lora_rank else ""),
+                                    if m.lora_rank and m.algorithm != "lora_ml" else "")
+                     + (f" (LoRA-ML: a rank-{m.lora_rank} adapter per task trained beside this ControlNet, which "
+                        "alone is saved; a new condition starts a fresh LoRA on it)" if m.algorithm == "lora_ml" else ""),
         "data budget": f"{samples:,} samples, {steps}" + (f" (on top of {start}'s own)" if start else ""),
         "meta-steps": meta_steps,
         "tasks per meta-step": m.tasks_per_meta_step,
