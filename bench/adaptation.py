@@ -84,7 +84,8 @@ class AdaptationBenchConfig:
     settings: EvalSettings = field(default_factory=EvalSettings)
     thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5])  # absolute control scores
     auc_budget: int = 100  # the mission's budget: mean control score over steps 0..100
-    paired_reference: str | None = None  # paired differences against this label only; null: every pair
+    # paired differences against this label (or these labels) only; null: every pair
+    paired_reference: str | list[str] | None = None
     bootstrap_resamples: int = 2000
     output_dir: str = "bench/results"
     work_dir: str = "outputs/bench-adaptation"
@@ -101,13 +102,17 @@ class AdaptationBenchConfig:
               f"a list of regimes, each >= train_batch_size ({self.train_batch_size})")
         check(all(0 < t <= 1 for t in self.thresholds), "thresholds", self.thresholds, "control scores in (0, 1]")
         check(len(self.initialisations) >= 1, "initialisations", self.initialisations, "at least one label: folder")
-        check(self.paired_reference is None or self.paired_reference in self.initialisations, "paired_reference",
-              self.paired_reference, f"null or one of {', '.join(self.initialisations)}")
+        check(set(self.references()) <= set(self.initialisations), "paired_reference", self.paired_reference,
+              f"null, or one or a list of {', '.join(self.initialisations)}")
         check(set(self.finetune_overrides) <= set(self.initialisations), "finetune_overrides",
               sorted(set(self.finetune_overrides) - set(self.initialisations)), "labels of initialisations only")
         check(all(isinstance(v, list) and all(isinstance(o, str) and "=" in o for o in v)
                   for v in self.finetune_overrides.values()), "finetune_overrides", self.finetune_overrides,
               "a mapping of label -> list of key=value strings")
+
+    def references(self) -> list[str]:
+        """The labels paired differences are taken against (none: every pair)."""
+        return [self.paired_reference] if isinstance(self.paired_reference, str) else list(self.paired_reference or [])
 
 
 QUICK = ["steps=[0, 5, 10]", "shots=[8]", "seeds=[0, 1]", "conditions=[scribble, pose]", "settings.num_samples=4",
@@ -238,7 +243,7 @@ def card_section(results: dict, cfg: AdaptationBenchConfig, label: str, command:
     """A model card's "Measured" section: this start's curve per held-out condition, as the benchmark measured it."""
     shots = cfg.shots[0]
     regime = results["regimes"][str(shots)]
-    reference = cfg.paired_reference if cfg.paired_reference not in (None, label) else None
+    reference = next((r for r in cfg.references() if r != label), None)
     header = ["held-out condition", *(f"{s} steps" + (" (zero-shot)" if s == 0 else "") for s in cfg.steps),
               f"AUC 0-{cfg.auc_budget}", *([f"AUC - {reference} (paired)"] if reference else [])]
     rows = []
@@ -331,11 +336,15 @@ def analyse(cfg: AdaptationBenchConfig, evaluator: Evaluator, work: Path) -> dic
 
 
 def compared_pairs(cfg: AdaptationBenchConfig) -> list[tuple[str, str]]:
-    """(A, B) pairs whose paired difference A - B is reported: against ``paired_reference``, or all of them."""
+    """(A, B) pairs whose paired difference A - B is reported: against each ``paired_reference`` (a pair of two
+    references once), or all of them."""
     labels = list(cfg.initialisations)
     if cfg.paired_reference is None:
         return list(itertools.combinations(labels, 2))
-    return [(label, cfg.paired_reference) for label in labels if label != cfg.paired_reference]
+    pairs: list[tuple[str, str]] = []
+    for reference in cfg.references():
+        pairs += [(label, reference) for label in labels if label != reference and (reference, label) not in pairs]
+    return pairs
 
 
 def plot_curves(results: dict, cfg: AdaptationBenchConfig, path: Path) -> Path:

@@ -96,6 +96,8 @@ def test_paired_reference_only_and_overrides_name_known_labels():
     assert compared_pairs(load_config(AdaptationBenchConfig, None, [three])) == [("a", "b"), ("a", "c"), ("b", "c")]
     assert compared_pairs(load_config(AdaptationBenchConfig, None, [three, "paired_reference=b"])) == [
         ("a", "b"), ("c", "b")]
+    assert compared_pairs(load_config(AdaptationBenchConfig, None, [three, "paired_reference=[b, c]"])) == [
+        ("a", "b"), ("c", "b"), ("a", "c")]  # b - c is c - b's negative: once
     with pytest.raises(ConfigError, match="paired_reference"):
         load_config(AdaptationBenchConfig, None, [three, "paired_reference=d"])
     with pytest.raises(ConfigError, match="finetune_overrides"):

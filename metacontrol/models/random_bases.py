@@ -36,6 +36,20 @@ Scale = Literal["tiny", "real"]
 TIME_IDS = 6  # SDXL's added time conditioning: original size, crop corner, target size
 
 
+SDXL_UNET_BLOCKS = dict(sample_size=128, block_out_channels=(320, 640, 1280),
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+                        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20))  # SDXL base 1.0
+
+
+def sdxl_unet(blocks: dict, text_width: int, pooled_width: int, time_dim: int) -> UNet2DConditionModel:
+    """An SDXL UNet of ``blocks`` (e.g. ``SDXL_UNET_BLOCKS``): per-token text of ``text_width``, and the pooled
+    embedding plus six time ids as its added ``text_time`` conditioning."""
+    return UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=text_width, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                                projection_class_embeddings_input_dim=pooled_width + TIME_IDS * time_dim, **blocks)
+
+
 def _clip_config(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int, heads: int,
                  projection: int | None = None) -> CLIPTextConfig:
     return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4,
@@ -65,18 +79,11 @@ def sdxl_pipeline(scale: Scale, words: list[str], tiny: TinySDConfig | None = No
         tokenizer = build_tokenizer(words, 77)
         time_dim = 256
         encoders = [_clip_config(tokenizer, 768, 12, 12), _clip_config(tokenizer, 1280, 32, 20, projection=1280)]
-        unet = dict(sample_size=128, block_out_channels=(320, 640, 1280),
-                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
-                    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20))
+        unet = SDXL_UNET_BLOCKS
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             sample_size=1024, scaling_factor=0.13025)
-    pooled = encoders[1].projection_dim
-    unet_model = UNet2DConditionModel(
-        in_channels=4, out_channels=4, cross_attention_dim=sum(c.hidden_size for c in encoders),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
-        projection_class_embeddings_input_dim=pooled + TIME_IDS * time_dim, **unet)
+    unet_model = sdxl_unet(unet, sum(c.hidden_size for c in encoders), encoders[1].projection_dim, time_dim)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(encoders[0]),
