@@ -118,6 +118,21 @@ def test_one_lora_ml_step_is_the_mean_task_gradient_through_each_tasks_adapter(c
                                        rtol=1e-4, atol=1e-8, msg=name)
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.AdamW, torch.optim.SGD])
+def test_an_adapter_moves_only_on_the_steps_that_draw_its_task(optimizer):
+    from metacontrol.meta.task_loras import adapter_group
+
+    stacks = torch.nn.Parameter(torch.ones(2, 3))  # two tasks' adapters of one layer
+    step = optimizer([adapter_group([stacks], 0.1, adam=optimizer is torch.optim.AdamW)], lr=1.0, weight_decay=0.5)
+    stacks.grad = torch.tensor([[1.0, -2.0, 3.0], [0.0, 0.0, 0.0]])  # task 0 drawn
+    step.step()
+    first = stacks.detach().clone()
+    assert not torch.equal(first[0], torch.ones(3)) and torch.equal(first[1], torch.ones(3))
+    stacks.grad = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, -1.0]])  # task 1 drawn
+    step.step()
+    assert torch.equal(stacks[0].detach(), first[0]) and not torch.equal(stacks[1].detach(), first[1])
+
+
 def test_lora_ml_run_saves_the_shared_controlnet_is_the_same_on_two_processes_and_resumes_exactly(tiny_sd_dir,
                                                                                                   tmp_path):
     from metacontrol.controlnet import create_controlnet

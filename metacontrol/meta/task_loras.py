@@ -95,3 +95,10 @@ def with_task_adapter(adapters: TaskLoRAs | None, task: str,
             return loss()
 
     return compute
+
+
+def adapter_group(params: list[torch.nn.Parameter], learning_rate: float, adam: bool) -> dict:
+    """The outer optimiser's parameter group for the adapters, such that an adapter moves only on the steps that
+    draw its task: its gradient is 0 on the others, and so is its update when Adam has beta1 = 0 (beta1 > 0 would
+    move every adapter on stale momentum for ~1 / (1 - beta1) steps after its task) and nothing decays it."""
+    return {"params": params, "lr": learning_rate, "weight_decay": 0.0, **({"betas": (0.0, 0.999)} if adam else {})}

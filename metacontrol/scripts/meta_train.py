@@ -30,7 +30,7 @@ from metacontrol.freezing import freeze_table, set_requires_grad, trainable_para
 from metacontrol.lora import add_lora, controlnet_of
 from metacontrol.meta.algorithms import MetaLearner, outer_step
 from metacontrol.meta.episodes import TaskSampler, episode_loss
-from metacontrol.meta.task_loras import TaskLoRAs, with_task_adapter
+from metacontrol.meta.task_loras import TaskLoRAs, adapter_group, with_task_adapter
 from metacontrol.objective import ControlNetObjective
 from metacontrol.processes import agreed, mean_over_processes
 from metacontrol.run import resume_or_start, save_result, set_up_run
@@ -95,10 +95,11 @@ def main(argv: list[str] | None = None) -> Path:
 
     # -- outer optimiser (the only optimiser for `joint` and `lora_ml`) ---------------------------------
     optimizer_steps = m.max_meta_steps * (m.inner_steps if joint else 1)
-    groups = [{"params": outer_params}]
-    if adapter_params:  # LoRA learns at about 10x full training's rate (diffusers' LoRA examples)
-        groups.append({"params": adapter_params, "lr": m.lora_learning_rate or m.outer_learning_rate})
     optimizer_class = torch.optim.SGD if m.outer_optimizer == "sgd" else torch.optim.AdamW
+    groups = [{"params": outer_params}]
+    if adapter_params:
+        groups.append(adapter_group(adapter_params, m.lora_learning_rate or m.outer_learning_rate,
+                                    optimizer_class is torch.optim.AdamW))
     outer_optimizer = optimizer_class(groups, lr=m.outer_learning_rate, weight_decay=m.outer_weight_decay)
     lr_scheduler = get_scheduler(m.lr_scheduler, outer_optimizer, num_warmup_steps=m.lr_warmup_steps,
                                  num_training_steps=optimizer_steps)
