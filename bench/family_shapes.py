@@ -18,8 +18,9 @@ Per family, in a subprocess of its own (so each peak is its own), at batch 1:
 (b) ``meta``: one Reptile meta-step of ``meta_train.py``'s loop body: 2 tasks x 2 inner steps (``MetaLearner``,
     inner Adam for SDXL and SD3, inner SGD for Flux as ``configs/meta_flux.yaml``), then the outer SGD step.
 
-Each is run once to warm up and once timed. The ratio is (b) per inner step against (a): what the meta-learner costs
-beyond the steps themselves. Memory is each variant's peak RSS (its warm-up, where its state is allocated) above the
+Each is run once to warm up and once timed, then (a) once more after (b), so that a change in the machine's load
+shows. The ratio is (b) per inner step against the mean of the two (a): what the meta-learner costs beyond the
+steps themselves. Memory is each variant's peak RSS (its warm-up, where its state is allocated) above the
 RSS with the models loaded: gradients, optimiser moments, the Reptile snapshot and meta-gradient, and activations.
 """
 
@@ -159,6 +160,13 @@ def measure(family_name: str, resolution: int) -> dict:
         outer_step(outer, schedule, params, 0.0)
 
     timed("meta", meta)
+    # The meta-learner's state freed, the plain step again: drift in the machine's load between the variants then
+    # shows (the ratio takes the mean of both plain steps).
+    learner = outer = None
+    gc.collect()
+    t = time.perf_counter()
+    plain()
+    seconds["plain_after"] = time.perf_counter() - t
     above = {name: peak[1] - models_mb if peak else None for name, peak in memory.items()}
     millions = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     return {"family": family_name, "denoiser_m": millions(base.denoiser), "controlnet_m": millions(controlnet),
@@ -175,13 +183,13 @@ def resident_mb() -> float:
 
 
 def table(rows: list[dict], resolution: int) -> str:
-    lines = ["| family | denoiser / ControlNet (M params, depth cut) | plain step (s) | meta-step (s) | "
+    lines = ["| family | denoiser / ControlNet (M params, depth cut) | plain step, before / after (s) | meta-step (s) | "
              "meta per inner step / plain | models loaded (MB) | peak above them: plain / meta (MB) | "
              "meta: bytes per ControlNet parameter above the models |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s, m = r["seconds"], r["above_models_mb"]
-        per_step = s["meta"] / (TASKS * INNER_STEPS) / s["plain"]
+        per_step = s["meta"] / (TASKS * INNER_STEPS) / ((s["plain"] + s["plain_after"]) / 2)
         plain_mb, meta_mb = (m[k] if m[k] is not None else float("nan") for k in ("plain", "meta"))
         depth = ", ".join(f"{k} {v}" for k, v in r["depth"].items())
         lines.append(f"| {r['family']} ({r['controlnet_class']}, inner {r['inner_optimizer']}) | {r['denoiser_m']:,.0f} / "

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from diffusers import ControlNetModel
 
+from metacontrol.config_loader import ConfigError
 from metacontrol.families import Embeds
 from metacontrol.models.base import BaseModel
 
@@ -71,8 +72,11 @@ class ControlNetObjective:
             latents = self._scaled(dist.mean.float() + dist.std.float() * eps)
         if "text_embeds" in batch:
             embeds = {key: batch[key].to(self.device) for key in self.base.family.text_keys}
-        else:
+        elif self.base.text_modules:
             embeds = self.base.encode_prompts(list(batch["caption"]))
+        else:
+            raise ConfigError("free_text_encoders: a batch without cached prompt encodings, and the text encoders "
+                              "are gone; this source needs free_text_encoders: false")
         return latents.to(self.weight_dtype), {key: value.to(self.weight_dtype) for key, value in embeds.items()}
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.schedulers import KarrasDiffusionSchedulers
 
-from metacontrol.families import family_of_controlnet
+from metacontrol.families import Embeds, family_of_controlnet
 from metacontrol.models.base import BaseModel
 
 GUIDANCE_SCALE = 4.0
@@ -68,8 +68,9 @@ def vae_roundtrip(base: BaseModel, images: list[np.ndarray] | np.ndarray) -> np.
 @torch.no_grad()
 def generate(pipe, prompts: list[str], conditions: list[np.ndarray] | None, seed: int, steps: int = 20,
              guidance_scale: float = GUIDANCE_SCALE, size: tuple[int, int] | None = None,
-             batch_size: int = 8) -> np.ndarray:
+             batch_size: int = 8, prompt_embeds: Embeds | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3). ``conditions`` are uint8 (H, W, 3) maps; None for a plain pipeline.
+    ``prompt_embeds``: the prompts encoded (``ModelFamily.pipeline_embeds``), for a pipeline without text encoders.
 
     Image i has its own generator seeded ``seed + i``, so it does not depend on how prompts are batched.
     """
@@ -93,7 +94,10 @@ def generate(pipe, prompts: list[str], conditions: list[np.ndarray] | None, seed
             maps = np.stack([conditions[i] for i in chunk])
             kwargs[argument] = torch.from_numpy(maps).permute(0, 3, 1, 2).float() / 255.0
         with autocast:
-            out = pipe([prompts[i] for i in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+            if prompt_embeds is not None:
+                kwargs.update({key: value[chunk.start:chunk.stop] for key, value in prompt_embeds.items()})
+            texts = None if prompt_embeds is not None else [prompts[i] for i in chunk]
+            out = pipe(texts, num_inference_steps=steps, guidance_scale=guidance_scale,
                        height=height, width=width, output_type="np",
                        generator=[torch.Generator().manual_seed(seed + i) for i in chunk], **kwargs).images
         images.append(np.clip(np.rint(out * 255.0), 0, 255).astype(np.uint8))

@@ -134,6 +134,45 @@ def test_transformer_presets_freeze_later_blocks_or_all_but_the_zero_layers(tiny
         frozen_names(controlnet, "paper")
 
 
+@pytest.mark.parametrize("name", ["sd", *FAMILY_NAMES])
+def test_a_pipeline_without_text_encoders_makes_the_same_images_from_the_encoded_prompts(tiny_sd_dir, tiny_family_dir,
+                                                                                        name):
+    """What ``free_text_encoders`` relies on: the family's pipeline given ``pipeline_embeds`` (computed while the
+    encoders were there) and no text encoders makes exactly the images it makes from the prompts."""
+    from metacontrol.pipelines import GUIDANCE_SCALE, base_pipeline, controlnet_pipeline, generate
+
+    base = load_base_model(str(tiny_sd_dir if name == "sd" else tiny_family_dir(name)))
+    controlnet = create_controlnet(base).eval()
+    with torch.no_grad():  # zero layers made non-zero, so that the map steers the image
+        for p in controlnet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    base.freeze()
+    maps = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8) for i in range(2)]
+    torch.manual_seed(0)  # SD3's ControlNet pipeline samples the map's latents from the global generator
+    from_prompts = generate(controlnet_pipeline(base, controlnet), PROMPTS, maps, seed=5, steps=2)
+    embeds = base.family.pipeline_embeds(base_pipeline(base), PROMPTS, GUIDANCE_SCALE)
+    base.text_encoder = base.text_encoder_2 = base.text_encoder_3 = None
+    torch.manual_seed(0)
+    without = generate(controlnet_pipeline(base, controlnet), PROMPTS, maps, seed=5, steps=2, prompt_embeds=embeds)
+    np.testing.assert_array_equal(without, from_prompts)
+    assert len({tuple(v.shape[:1]) for v in embeds.values()}) == 1 and len(embeds) in (2, 4)
+
+
+def test_free_text_encoders_trains_and_validates_as_with_them(tiny_family_dir, tmp_path):
+    """SDXL (two encoders, pooled embeddings): meta-training with the text encoders let go after the set-up gives
+    the same ControlNet and the same validation grid as with them."""
+    base = tiny_family_dir("sdxl")
+    steps = ["meta.max_meta_steps=2", "checkpointing_steps=2", "validation_steps=2", "num_validation_images=1",
+             "validation_inference_steps=2"]
+    _, freed = run_side_by_side([[PYTHON, "meta_train.py", *meta_train_args(base, tmp_path / "kept", *steps)],
+                                 [PYTHON, "meta_train.py", *meta_train_args(base, tmp_path / "freed", *steps,
+                                                                            "free_text_encoders=true")]])
+    assert "free_text_encoders: the text encoders" in freed.stderr
+    _assert_same_weights(tmp_path / "freed", tmp_path / "kept")
+    grid = "validation/step-000002.png"
+    assert (tmp_path / "freed" / grid).read_bytes() == (tmp_path / "kept" / grid).read_bytes()
+
+
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
 def family_runs(request, tiny_family_dir, tmp_path_factory) -> tuple[str, Path, Path]:
     """Reptile (and, for SDXL and Flux, on 2 processes) and joint meta-training, then full and LoRA fine-tuning

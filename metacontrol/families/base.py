@@ -71,6 +71,11 @@ class ModelFamily:
         modules already in memory: never a second copy of the base."""
         raise NotImplementedError
 
+    def pipeline_embeds(self, pipe: DiffusionPipeline, prompts: list[str], guidance_scale: float) -> Embeds:
+        """What ``pipe.encode_prompt`` makes of ``prompts`` (with the negative ones where it guides), named as the
+        pipeline's ``__call__`` takes them instead of prompts: it then generates without its text encoders."""
+        raise NotImplementedError
+
     def sampler(self, base: BaseModel, name: str) -> Any:
         """The inference scheduler ``name`` (a diffusers class), built from the base's training schedule."""
         return getattr(diffusers, name).from_config(base.noise_scheduler.config)
@@ -243,6 +248,12 @@ def _all_but(controlnet: torch.nn.Module, kept: tuple[str, ...]) -> list[str]:
 
     names = [n for n, _ in controlnet.named_parameters()]
     return sorted({n for n in names if not any(matches(n, p) for p in kept)})
+
+
+def guided_pipeline_embeds(outputs: tuple) -> Embeds:
+    """``encode_prompt``'s four outputs in SDXL's and SD3's pipelines, by the names their ``__call__`` takes."""
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    return dict(zip(names, outputs))
 
 
 def token_ids(tokenizer: Any, prompts: list[str], device: torch.device, length: int | None = None) -> torch.Tensor:

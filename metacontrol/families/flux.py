@@ -72,6 +72,11 @@ class Flux(FlowFamily):
         factor = base.vae_scale_factor
         return FluxControlNetPipeline._unpack_latents(packed, height * factor, width * factor, factor)
 
+    def pipeline_embeds(self, pipe: Any, prompts: list[str], guidance_scale: float) -> Embeds:
+        """Flux is guidance-distilled: ``guidance_scale`` is an input of the transformer, no negative prompt."""
+        embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=pipe._execution_device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
     def pipeline(self, base: BaseModel, scheduler: Any, controlnet: Any) -> FluxPipeline:
         parts = dict(scheduler=scheduler, vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                      text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, transformer=base.denoiser)

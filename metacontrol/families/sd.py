@@ -24,6 +24,10 @@ class StableDiffusion(UNetFamily):
         ids = token_ids(encoders.tokenizer, prompts, encoders.text_encoder.device)
         return {"text_embeds": encoders.text_encoder(ids)[0]}
 
+    def pipeline_embeds(self, pipe: Any, prompts: list[str], guidance_scale: float) -> Embeds:
+        embeds, negative = pipe.encode_prompt(prompts, pipe._execution_device, 1, guidance_scale > 1)
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": negative}
+
     def pipeline(self, base: BaseModel, scheduler: Any, controlnet: ControlNetModel | None) -> StableDiffusionPipeline:
         parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.denoiser,
                      scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import SD3ControlNetModel, StableDiffusion3ControlNetPipeline, StableDiffusion3Pipeline
 
-from metacontrol.families.base import Embeds, FlowFamily, token_ids
+from metacontrol.families.base import Embeds, FlowFamily, guided_pipeline_embeds, token_ids
 
 if TYPE_CHECKING:
     from metacontrol.models.base import BaseModel, Encoders
@@ -77,6 +77,10 @@ class StableDiffusion3(FlowFamily):
         return base.denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text,
                              pooled_projections=pooled, block_controlnet_hidden_states=[b.to(weight_dtype) for b in blocks],
                              return_dict=False)[0]
+
+    def pipeline_embeds(self, pipe: Any, prompts: list[str], guidance_scale: float) -> Embeds:
+        return guided_pipeline_embeds(pipe.encode_prompt(prompts, None, None, device=pipe._execution_device,
+                                                         do_classifier_free_guidance=guidance_scale > 1))
 
     def pipeline(self, base: BaseModel, scheduler: Any, controlnet: Any) -> StableDiffusion3Pipeline:
         parts = dict(transformer=base.denoiser, scheduler=scheduler, vae=base.vae, text_encoder=base.text_encoder,

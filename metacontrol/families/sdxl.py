@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers import StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline
 
-from metacontrol.families.base import Embeds, UNetFamily, token_ids
+from metacontrol.families.base import Embeds, UNetFamily, guided_pipeline_embeds, token_ids
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -42,6 +42,10 @@ class StableDiffusionXL(UNetFamily):
         height, width = size
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=pooled.device)
         return {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids.repeat(len(pooled), 1)}}
+
+    def pipeline_embeds(self, pipe: Any, prompts: list[str], guidance_scale: float) -> Embeds:
+        return guided_pipeline_embeds(pipe.encode_prompt(prompts, device=pipe._execution_device,
+                                                         do_classifier_free_guidance=guidance_scale > 1))
 
     def pipeline(self, base: BaseModel, scheduler: Any, controlnet: ControlNetModel | None) -> StableDiffusionXLPipeline:
         parts = dict(vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,

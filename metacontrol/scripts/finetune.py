@@ -35,7 +35,7 @@ from metacontrol.lora import add_lora, controlnet_of, load_lora
 from metacontrol.objective import ControlNetObjective, check_finite
 from metacontrol.processes import agreed
 from metacontrol.run import resume_or_start, save_result, set_up_run
-from metacontrol.validation import log_validation, validation_samples
+from metacontrol.validation import drop_text_encoders, log_validation, validation_samples
 
 logger = logging.getLogger("finetune")
 
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> Path:
                           show_progress=accelerator.is_local_main_process, count=cfg.shots, start=cfg.shot_offset)
     validating = cfg.validation_steps > 0 and accelerator.is_main_process  # only the main process draws grids
     samples = validation_samples(cfg, data, cfg.num_validation_images, cfg.resolution) if validating else {}
+    if cfg.free_text_encoders:  # every prompt is encoded now (cache, validation captions)
+        drop_text_encoders(base, samples)
 
     # -- what trains: unfrozen parameters (full) or adapters + zero convolutions (lora) -------------
     total = sum(p.numel() for p in controlnet.parameters())

@@ -34,7 +34,7 @@ from metacontrol.meta.task_loras import TaskLoRAs, adapter_group, with_task_adap
 from metacontrol.objective import ControlNetObjective
 from metacontrol.processes import agreed, mean_over_processes
 from metacontrol.run import resume_or_start, save_result, set_up_run
-from metacontrol.validation import log_validation, validation_samples
+from metacontrol.validation import drop_text_encoders, log_validation, validation_samples
 
 logger = logging.getLogger("meta_train")
 
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> Path:
                           count=cfg.data.pool_size if cfg.data.source == "synthetic" else None)
     validating = cfg.validation_steps > 0 and accelerator.is_main_process  # only the main process draws grids
     samples = validation_samples(cfg.data, data, cfg.num_validation_images, cfg.resolution) if validating else {}
+    if cfg.free_text_encoders:  # every prompt is encoded now (cache, validation captions)
+        drop_text_encoders(base, samples)
     sampler = TaskSampler(tasks=cfg.data.tasks, pool_sizes={t: len(d) for t, d in data.items()},
                           tasks_per_step=m.tasks_per_meta_step, inner_steps=m.inner_steps,
                           support_batch_size=m.support_batch_size, query_batch_size=m.query_batch_size,
