@@ -125,6 +125,15 @@ def resolve_resume_path(resume: str | None, output_dir: Path) -> Path | None:
     return complete[-1]
 
 
+NESTED = "/"  # joins the keys of an optimiser state kept in a nested mapping (bitsandbytes' 8-bit quantisation state)
+
+
+def _flat(entry: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A parameter's optimiser state as (key, value) pairs, a nested mapping's keys joined by ``NESTED``."""
+    return [pair for key, value in entry.items()
+            for pair in (_flat(value, f"{prefix}{key}{NESTED}") if isinstance(value, dict) else [(prefix + key, value)])]
+
+
 @dataclass
 class TrainingState:
     """What a ``checkpoint-N`` holds, so that resuming continues bit for bit: the parameters that train
@@ -155,11 +164,15 @@ class TrainingState:
         named = self.named_params()
         save_file({n: p.detach().cpu().contiguous() for n, p in named.items()}, str(folder / PARAMETERS_FILE))
         optimizer = self.optimizer.state_dict()
-        tensors, scalars = {}, {}
+        tensors, scalars, stored = {}, {}, set()
         for index, entry in optimizer["state"].items():
-            for key, value in entry.items():
+            for key, value in _flat(entry):
                 if torch.is_tensor(value):
-                    tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                    tensor = value.detach().cpu().contiguous()
+                    if tensor.untyped_storage().data_ptr() in stored:  # shared (bitsandbytes' code books): a copy each
+                        tensor = tensor.clone()
+                    stored.add(tensor.untyped_storage().data_ptr())
+                    tensors[f"{index}.{key}"] = tensor
                 else:
                     scalars[f"{index}.{key}"] = value
         save_file(tensors, str(folder / OPTIMIZER_FILE))
@@ -181,7 +194,11 @@ class TrainingState:
         for flat, value in [*load_file(str(folder / OPTIMIZER_FILE)).items(),
                             *state["optimizer"]["scalars"].items()]:
             index, key = flat.split(".", 1)
-            entries.setdefault(int(index), {})[key] = value
+            *within, name = key.split(NESTED)
+            entry = entries.setdefault(int(index), {})
+            for part in within:
+                entry = entry.setdefault(part, {})
+            entry[name] = value
         self.optimizer.load_state_dict({"state": entries, "param_groups": state["optimizer"]["param_groups"]})
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.progress.step = int(state["step"])

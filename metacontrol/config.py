@@ -58,6 +58,9 @@ class RunConfig:
     # once prompts are encoded (the cache, the validation captions) the text encoders are let go: their memory is
     # free for training (T5-XXL alone is 9.5 GB in bf16). Needs cache: latents
     free_text_encoders: bool = False
+    # bitsandbytes' 8-bit Adam / AdamW for every optimiser that keeps moments (the inner Adam, an AdamW outer or
+    # joint step, fine-tuning): 2 bytes of state per parameter instead of 8 (pip install 'metacontrol[bnb]')
+    use_8bit_adam: bool = False
     checkpointing_steps: int = 50
     checkpoints_total_limit: int | None = 2
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
@@ -242,7 +245,6 @@ class FinetuneConfig(SourceConfig, RunConfig):
     lr_scheduler: SchedulerName = "constant"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
-    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (GPU): the optimiser state of a full SD-1.5 ControlNet in 1/4
     mode: Literal["full", "lora"] = "full"
     freeze: FreezeSpec = "none"  # full mode: a preset (none | paper | zero_convs_only | later_blocks) or glob patterns
     lora_rank: int = 8

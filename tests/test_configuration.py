@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import runpy
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -337,11 +338,10 @@ def test_the_sd15_recipes_load_with_the_settings_of_the_real_scale():
     assert (meta.data.source, meta.mixed_precision, meta.resolution) == ("prepared", "bf16", 512)
 
 
-def test_8bit_adam_without_bitsandbytes_is_one_line():
-    from metacontrol.scripts.finetune import adamw_class
+def test_8bit_adam_without_bitsandbytes_is_one_line(monkeypatch):
+    from metacontrol.optimizers import adam_class
 
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        assert adamw_class(True).__name__ == "AdamW8bit"
-        return
-    with pytest.raises(ConfigError, match=r"^use_8bit_adam: true needs bitsandbytes \(pip install bitsandbytes\)"):
-        adamw_class(True)
+    assert (adam_class(True, True).__name__, adam_class(True, False).__name__) == ("AdamW8bit", "Adam8bit")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed: the import fails
+    with pytest.raises(ConfigError, match=r"^use_8bit_adam: true needs bitsandbytes \(pip install 'metacontrol\[bnb\]'\)"):
+        adam_class(True, True)

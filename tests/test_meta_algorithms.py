@@ -135,6 +135,28 @@ def test_meta_gradient_is_one_flat_buffer():
     assert all(g.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for g in learner.meta_grad)
 
 
+def test_8bit_inner_adam_starts_every_task_fresh():
+    """bitsandbytes' 8-bit Adam (``use_8bit_adam``; 8-bit moments from 4096 elements on): the second task's phi,
+    after a first task on other data, equals a new learner's phi on that task alone, bit for bit."""
+    def losses(target: torch.Tensor, w: torch.nn.Parameter) -> list:
+        return [lambda: ((w - target) ** 2).sum()] * 3
+
+    targets = [torch.randn(8192, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    phis = []
+    for first in (True, False):
+        w = torch.nn.Parameter(torch.zeros(8192))
+        learner = MetaLearner([w], [w], algorithm="reptile", inner_optimizer="adam", inner_learning_rate=0.05,
+                              max_grad_norm=None, use_8bit_adam=True)
+        learner.begin()
+        if first:
+            learner.adapt(losses(targets[0], w))
+            learner.accumulate()
+        learner.adapt(losses(targets[1], w))
+        phis.append(w.detach().clone())
+    assert learner._inner.state[w]["state1"].dtype == torch.uint8  # the moments really are 8-bit
+    assert torch.equal(phis[0], phis[1]) and phis[0].abs().sum() > 0
+
+
 def test_inner_adam_with_beta1_zero_matches_hand_computation():
     """Reptile's authors' inner Adam (beta1 = 0): the step is lr * g_t / (sqrt(v_t / (1 - b2^t)) + eps)."""
     lr, b2, eps = 0.05, 0.9, 1e-8

@@ -23,6 +23,8 @@ from typing import Literal
 
 import torch
 
+from metacontrol.optimizers import adam_class, reset_state
+
 Algorithm = Literal["reptile", "fomaml", "joint"]
 InnerOptimizer = Literal["sgd", "adam"]
 
@@ -73,6 +75,7 @@ class MetaLearner:
         max_grad_norm: float | None = 1.0,
         grad_scaler: torch.amp.GradScaler | None = None,
         inner_betas: tuple[float, float] = (0.9, 0.999),
+        use_8bit_adam: bool = False,
     ) -> None:
         if algorithm not in ("reptile", "fomaml", "joint"):
             raise ValueError(f"unknown algorithm {algorithm!r}; expected reptile, fomaml or joint")
@@ -84,6 +87,7 @@ class MetaLearner:
         self.inner_betas = tuple(inner_betas)  # Reptile's authors use beta1 = 0: no momentum across inner steps
         self.max_grad_norm = max_grad_norm
         self.grad_scaler = grad_scaler
+        self.use_8bit_adam = use_8bit_adam
         # theta of every parameter that can move during a meta-step, and the meta-gradient buffer.
         self.snapshot = ParameterSnapshot(_unique(self.inner_params + self.outer_params))
         index = {id(p): i for i, p in enumerate(self.snapshot.params)}
@@ -103,11 +107,10 @@ class MetaLearner:
             if self.inner_optimizer == "sgd":
                 self._inner = torch.optim.SGD(self.inner_params, lr=self.inner_learning_rate)
             else:
-                self._inner = torch.optim.Adam(self.inner_params, lr=self.inner_learning_rate, betas=self.inner_betas)
+                self._inner = adam_class(self.use_8bit_adam, decoupled_weight_decay=False)(
+                    self.inner_params, lr=self.inner_learning_rate, betas=self.inner_betas)
         else:
-            state = [t for per_param in self._inner.state.values() for t in per_param.values() if torch.is_tensor(t)]
-            if state:
-                torch._foreach_zero_(state)
+            reset_state(self._inner)
         return self._inner
 
     def _gradients(self, loss_fn: Callable[[], torch.Tensor]) -> tuple[float, list[torch.Tensor]]:

@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 
 from metacontrol.checkpointing import TrainingProgress, TrainingState, save_training_state, stop_on_signals
 from metacontrol.config import SCRIPT_CONFIGS, FinetuneConfig
-from metacontrol.config_loader import ConfigError, config_argument_parser, load_config
+from metacontrol.config_loader import config_argument_parser, load_config
 from metacontrol.data.loader import StepPlan, planned_batches
 from metacontrol.data.sources import load_task_data
 from metacontrol.freezing import freeze_table, set_requires_grad, trainable_parameters
 from metacontrol.lora import add_lora, controlnet_of, load_lora
 from metacontrol.objective import ControlNetObjective, check_finite
+from metacontrol.optimizers import adam_class
 from metacontrol.processes import agreed
 from metacontrol.run import resume_or_start, save_result, set_up_run
 from metacontrol.validation import drop_text_encoders, log_validation, validation_samples
@@ -43,18 +44,6 @@ logger = logging.getLogger("finetune")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = config_argument_parser(__doc__, SCRIPT_CONFIGS["finetune"][1], "mode=lora shots=8")
     return parser.parse_intermixed_args(argv)
-
-
-def adamw_class(use_8bit: bool) -> type[torch.optim.Optimizer]:
-    """torch's AdamW, or bitsandbytes' 8-bit one (its state in a quarter of the memory; GPUs only)."""
-    if not use_8bit:
-        return torch.optim.AdamW
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise ConfigError("use_8bit_adam: true needs bitsandbytes (pip install bitsandbytes), which is not "
-                          "installed; or set use_8bit_adam: false") from None
-    return bitsandbytes.optim.AdamW8bit
 
 
 def step_batch(cfg: FinetuneConfig, step: int, process: int) -> tuple[list[int], torch.Generator]:
@@ -101,8 +90,8 @@ def main(argv: list[str] | None = None) -> Path:
                 100 * trainable / total)
 
     # -- optimiser; prepared the standard way: one task, so DDP's gradient averaging is what we want ---
-    optimizer = adamw_class(cfg.use_8bit_adam)(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay)
+    optimizer = adam_class(cfg.use_8bit_adam, True)(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                                    weight_decay=cfg.adam_weight_decay)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=cfg.max_train_steps * accelerator.num_processes)

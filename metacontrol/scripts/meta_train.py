@@ -32,6 +32,7 @@ from metacontrol.meta.algorithms import MetaLearner, outer_step
 from metacontrol.meta.episodes import TaskSampler, episode_loss
 from metacontrol.meta.task_loras import TaskLoRAs, adapter_group, with_task_adapter
 from metacontrol.objective import ControlNetObjective
+from metacontrol.optimizers import adam_class
 from metacontrol.processes import agreed, mean_over_processes
 from metacontrol.run import resume_or_start, save_result, set_up_run
 from metacontrol.validation import drop_text_encoders, log_validation, validation_samples
@@ -92,16 +93,16 @@ def main(argv: list[str] | None = None) -> Path:
     learner = MetaLearner(inner_params, updated, algorithm="joint" if joint else m.algorithm,
                           inner_optimizer=m.inner_optimizer,
                           inner_learning_rate=m.inner_learning_rate, max_grad_norm=m.max_grad_norm,
-                          grad_scaler=grad_scaler, inner_betas=tuple(m.inner_betas))
+                          grad_scaler=grad_scaler, inner_betas=tuple(m.inner_betas), use_8bit_adam=cfg.use_8bit_adam)
     reduce_sum = (lambda t: accelerator.reduce(t, reduction="sum")) if accelerator.num_processes > 1 else None
 
     # -- outer optimiser (the only optimiser for `joint` and `lora_ml`) ---------------------------------
     optimizer_steps = m.max_meta_steps * (m.inner_steps if joint else 1)
-    optimizer_class = torch.optim.SGD if m.outer_optimizer == "sgd" else torch.optim.AdamW
+    optimizer_class = torch.optim.SGD if m.outer_optimizer == "sgd" else adam_class(cfg.use_8bit_adam, True)
     groups = [{"params": outer_params}]
     if adapter_params:
         groups.append(adapter_group(adapter_params, m.lora_learning_rate or m.outer_learning_rate,
-                                    optimizer_class is torch.optim.AdamW))
+                                    m.outer_optimizer == "adamw"))
     outer_optimizer = optimizer_class(groups, lr=m.outer_learning_rate, weight_decay=m.outer_weight_decay)
     lr_scheduler = get_scheduler(m.lr_scheduler, outer_optimizer, num_warmup_steps=m.lr_warmup_steps,
                                  num_training_steps=optimizer_steps)
