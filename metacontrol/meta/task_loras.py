@@ -8,9 +8,9 @@ adapts, and task ``t``'s loss is taken at ``W + (alpha / r) B_t A_t``; ``W`` (th
 convolutions included) and every ``A_t, B_t`` train together, by the joint loop's optimiser. What ships is
 ``W`` alone: a plain ControlNet, to which a new condition adds a fresh LoRA (fine-tuning's ``mode: lora``).
 
-The adapters are stacked per layer (``[tasks, ...]`` tensors) and added by forward hooks, so the
-ControlNet itself stays a plain ``ControlNetModel`` (its state dict and ``save_pretrained`` unchanged) and
-the adapter of the task being trained is chosen by an index, not by swapping weights. Memory: the stacks
+The adapters are added by forward hooks, so the ControlNet itself stays a plain ``ControlNetModel`` (its state
+dict and ``save_pretrained`` unchanged) and the adapter of the task being trained is chosen by an index, not by
+swapping weights. Memory: the stacks
 hold ``tasks x`` one LoRA's parameters (plus the optimiser's moments); for many tasks at SD scale choose a
 small rank.
 """
@@ -18,7 +18,7 @@ small rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -41,29 +41,38 @@ class TaskLoRAs(torch.nn.Module):
                             if n not in full]
         self.task_index = {task: i for i, task in enumerate(tasks)}
         self.scale = (alpha or rank) / rank
-        self.down = torch.nn.ParameterList()  # A: [tasks, rank, in (, kh, kw)]
-        self.up = torch.nn.ParameterList()  # B: [tasks, out, rank], zero: every task starts at W
         generator = torch.Generator().manual_seed(seed)  # every process builds the same adapters
+        downs: list[list[torch.Tensor]] = [[] for _ in tasks]
         for name in self.layer_names:
             layer = layers[name]
             if isinstance(layer, torch.nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
                 raise ValueError(f"LoRA-ML: layer {name} is a grouped or padded-by-{layer.padding_mode} convolution")
-            weight = layer.weight
-            down = torch.empty(len(tasks), rank, *weight.shape[1:], dtype=weight.dtype)
-            for task_down in down:  # as nn.Linear / nn.Conv2d (and peft's lora_A) initialise a weight
-                torch.nn.init.kaiming_uniform_(task_down, a=math.sqrt(5), generator=generator)
-            self.down.append(torch.nn.Parameter(down.to(weight.device)))
-            self.up.append(torch.nn.Parameter(torch.zeros(len(tasks), weight.shape[0], rank, dtype=weight.dtype,
-                                                          device=weight.device)))
+            for task_downs in downs:  # as nn.Linear / nn.Conv2d (and peft's lora_A) initialise a weight
+                down = torch.empty(rank, *layer.weight.shape[1:], dtype=layer.weight.dtype)
+                task_downs.append(torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator))
+        # Task t's A and B of layer i are parameters t * layers + i: each adapter its own parameters, so the
+        # optimiser steps (and counts the steps of) only those of the tasks drawn (``release_grads``).
+        self.down = torch.nn.ParameterList(
+            [torch.nn.Parameter(d.to(layers[n].weight.device)) for task_downs in downs
+             for d, n in zip(task_downs, self.layer_names)])  # fmt: skip
+        self.up = torch.nn.ParameterList(  # B = 0: every task starts at W
+            [torch.nn.Parameter(torch.zeros(layers[n].weight.shape[0], rank, dtype=layers[n].weight.dtype,
+                                            device=layers[n].weight.device))
+             for _ in tasks for n in self.layer_names])  # fmt: skip
         self._active: int | None = None
         for i, name in enumerate(self.layer_names):  # with no task active a hook adds nothing: W alone
             layers[name].register_forward_hook(self._hook(i))
+
+    def weights(self, task: int, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+        """Task ``task``'s adapter (A, B) of layer ``layer`` (indices into the task list and ``layer_names``)."""
+        k = task * len(self.layer_names) + layer
+        return self.down[k], self.up[k]
 
     def _hook(self, i: int) -> Callable[[torch.nn.Module, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor | None]:
         def add_update(layer: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
             if self._active is None:
                 return None
-            down, up = self.down[i][self._active], self.up[i][self._active]
+            down, up = self.weights(self._active, i)
             x = inputs[0]
             if isinstance(layer, torch.nn.Conv2d):  # as peft: A a conv like the layer's, B a 1x1 conv
                 hidden = F.conv2d(x, down, stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
@@ -73,6 +82,18 @@ class TaskLoRAs(torch.nn.Module):
             return output + self.scale * update
 
         return add_update
+
+    def release_grads(self, drawn: Collection[str]) -> None:
+        """``.grad = None`` on the adapters of the tasks not ``drawn`` this step (by every process). torch's
+        optimisers skip such parameters (no step count, moment decay or weight decay), so each adapter trains as
+        its own Adam would on its own task's steps: a dense Adam over every adapter would move them all on stale
+        momentum, and bias-correct a rarely drawn one's first moments by the global step count (an update many
+        times the learning rate)."""
+        keep = {self.task_index[t] for t in drawn}
+        for t in set(self.task_index.values()) - keep:
+            for i in range(len(self.layer_names)):
+                for p in self.weights(t, i):
+                    p.grad = None
 
     @contextmanager
     def active(self, task: str) -> Iterator[None]:
@@ -95,10 +116,3 @@ def with_task_adapter(adapters: TaskLoRAs | None, task: str,
             return loss()
 
     return compute
-
-
-def adapter_group(params: list[torch.nn.Parameter], learning_rate: float, adam: bool) -> dict:
-    """The outer optimiser's parameter group for the adapters, such that an adapter moves only on the steps that
-    draw its task: its gradient is 0 on the others, and so is its update when Adam has beta1 = 0 (beta1 > 0 would
-    move every adapter on stale momentum for ~1 / (1 - beta1) steps after its task) and nothing decays it."""
-    return {"params": params, "lr": learning_rate, "weight_decay": 0.0, **({"betas": (0.0, 0.999)} if adam else {})}
