@@ -4,14 +4,10 @@ fresh one's first (the meta inner loop, once per task)."""
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from metacontrol.config_loader import ConfigError
 
-# bitsandbytes' CPU backend warns at import that its 4-bit matmul kernel is not cached: 4-bit is not used here.
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "gemm_4bit" not in record.getMessage())
 CODE_BOOKS = ("qmap1", "qmap2")  # bitsandbytes' 8-bit quantisation maps: constants of the optimiser, not its state
 
 

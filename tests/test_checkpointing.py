@@ -67,3 +67,36 @@ def test_a_checkpoint_of_other_trainable_parameters_is_refused(tmp_path):
     written.write(tmp_path, [None])
     with pytest.raises(ConfigError, match="other trainable parameters"):
         _state(trained="0").read(tmp_path, process_index=0)
+
+
+def test_8bit_adam_state_with_shared_code_books_round_trips_exactly(tmp_path):
+    """bitsandbytes' AdamW8bit (``use_8bit_adam``) keeps its state in a nested mapping, with code books shared by
+    every parameter: the checkpoint stores each as safetensors, and training goes on from it bit for bit."""
+    from metacontrol.optimizers import adam_class
+
+    def state() -> TrainingState:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.Linear(64, 80))  # 8-bit from 4096 elements
+        optimizer = adam_class(True, True)(model.parameters(), lr=1e-2)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return TrainingState(model, list(model.parameters()), optimizer, schedule, TrainingProgress())
+
+    def train(s: TrainingState, steps: int) -> None:
+        for _ in range(steps):
+            x = torch.randn(4, 128, generator=torch.Generator().manual_seed(s.progress.step))
+            s.model(x).pow(2).mean().backward()
+            s.optimizer.step()
+            s.optimizer.zero_grad()
+            s.progress.step += 1
+
+    written = state()
+    train(written, 3)
+    written.write(tmp_path, [None])
+    stored = load_file(str(tmp_path / "optimizer.safetensors"))
+    assert stored["0.__bnb_optimizer_quant_state__/state1"].dtype == torch.uint8
+    read = state()
+    read.read(tmp_path, process_index=0)
+    train(written, 2)
+    train(read, 2)
+    for a, b in zip(written.params, read.params):
+        assert torch.equal(a, b)
