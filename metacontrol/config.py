@@ -262,8 +262,13 @@ class FinetuneConfig(SourceConfig, RunConfig):
     validation_steps: int = 0
 
     def __post_init__(self) -> None:
-        check(self.condition in condition_names(), "condition", self.condition,
-              f"one of {', '.join(condition_names())}")
+        if self.condition.startswith("gen-"):  # a generated task (synthetic scenes): one line if the name is not one
+            from metacontrol.conditions.generated import make
+
+            make(self.condition)
+        else:
+            check(self.condition in condition_names(), "condition", self.condition,
+                  f"one of {', '.join(condition_names())}, or a generated task gen-<kind>-<seed>")
         if self.output_dir is None:
             self.output_dir = f"outputs/finetune-{self.condition}-{self.mode}"
         RunConfig.__post_init__(self)

@@ -59,6 +59,18 @@ def test_held_out_kinds_and_bad_names_are_refused_in_one_line():
         get_condition("gen-blob-3")
 
 
+def test_a_generated_task_is_a_condition_fine_tuning_takes():
+    """The held-out generated family is measured by fine-tuning on one of its tasks."""
+    from metacontrol.config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, None, ["condition=gen-mix.normal+palette-1"])
+    assert cfg.output_dir == "outputs/finetune-gen-mix.normal+palette-1-full"
+    with pytest.raises(ConfigError, match="a generated task is gen-<kind>-<seed>"):
+        load_config(FinetuneConfig, None, ["condition=gen-blob-1"])
+    with pytest.raises(ConfigError, match="condition: 'nrmal' is not valid; expected one of .*or a generated task"):
+        load_config(FinetuneConfig, None, ["condition=nrmal"])
+
+
 def test_meta_training_runs_on_a_generated_family(tiny_sd_dir, tmp_path):
     out = tmp_path / "gen"
     run_script([PYTHON, "meta_train.py", *meta_train_args(tiny_sd_dir, out, "data.tasks=['gen:scalar+pose+mix:6:0']",
