@@ -25,8 +25,10 @@ demo: install
 	$(BIN)/accelerate launch -q meta_train.py
 
 # chromium first: without it the report tests fail, so say so before minutes of installing.
+# Two workers, one per core; each test file stays on one worker, so a module's fixture (a training run several tests
+# read) is built once.
 test: chromium install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 chromium:
 	@sh .ci/ensure-chromium

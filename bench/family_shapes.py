@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import metacontrol  # noqa: E402, F401, I001  (before diffusers: it quiets bitsandbytes' 4-bit kernel warning)
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel  # noqa: E402
 from throughput import _status_kb, measure_peak  # noqa: E402
 
@@ -193,8 +194,9 @@ def table(rows: list[dict], resolution: int) -> str:
         plain_mb, meta_mb = (m[k] if m[k] is not None else float("nan") for k in ("plain", "meta"))
         depth = ", ".join(f"{k} {v}" for k, v in r["depth"].items())
         lines.append(f"| {r['family']} ({r['controlnet_class']}, inner {r['inner_optimizer']}) | {r['denoiser_m']:,.0f} / "
-                     f"{r['controlnet_m']:,.0f} ({depth}) | {s['plain']:.1f} | {s['meta']:.1f} | {per_step:.2f}x | "
-                     f"{plain_mb:,.0f} / {meta_mb:,.0f} | {meta_mb * 2**20 / (r['controlnet_m'] * 1e6):.1f} |")
+                     f"{r['controlnet_m']:,.0f} ({depth}) | {s['plain']:.1f} / {s['plain_after']:.1f} | {s['meta']:.1f} | "
+                     f"{per_step:.2f}x | {r['models_mb']:,.0f} | {plain_mb:,.0f} / {meta_mb:,.0f} | "
+                     f"{meta_mb * 2**20 / (r['controlnet_m'] * 1e6):.1f} |")
     return "\n".join(lines) + (f"\n\n{resolution} px, batch 1, {TASKS} tasks x {INNER_STEPS} inner steps per meta-step, "
                                "one torch thread, bf16 autocast, gradient checkpointing.")
 
