@@ -116,6 +116,34 @@ def test_outer_only_parameters_get_zero_reptile_update_and_frozen_inner_stay_put
     assert params[0].grad.abs().sum() > 0
 
 
+def test_partial_adaptation_fomaml_adapts_part_and_takes_the_query_gradient_of_all():
+    """ANIL-style partial adaptation (configs/recipes/partial.yaml): the inner SGD steps move only w (the adapted
+    part); the meta-gradient is the query loss's gradient w.r.t. w *and* b at (phi_w, b), averaged over the tasks."""
+    def coupled(params, target):  # L = sum((w - target)^2) + (b * sum(w))^2: b's gradient depends on the adapted w
+        w, b = params
+        return ((w - target) ** 2).sum() + (b * w.sum()) ** 2
+
+    params = _model()
+    theta_w, b = params[0].detach().clone(), params[1].detach().clone()
+    learner = MetaLearner([params[0]], params, algorithm="fomaml", inner_optimizer="sgd", inner_learning_rate=LR,
+                          max_grad_norm=None)
+    learner.begin()
+    for target, query in zip(TARGETS, QUERY_TARGETS):
+        learner.adapt([lambda t=target: coupled(params, t)] * STEPS)
+        learner.accumulate(lambda q=query: coupled(params, q))
+    learner.finish(total_tasks=2)
+    grads_w, grads_b = [], []
+    for target, query in zip(TARGETS, QUERY_TARGETS):
+        w = theta_w.clone()
+        for _ in range(STEPS):  # dL/dw = 2 (w - target) + 2 b^2 sum(w)
+            w = w - LR * (2 * (w - target) + 2 * b**2 * w.sum())
+        grads_w.append(2 * (w - query) + 2 * b**2 * w.sum())
+        grads_b.append(2 * b * w.sum() ** 2)
+    torch.testing.assert_close(params[0].grad, sum(grads_w) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(params[1].grad, sum(grads_b) / 2, rtol=1e-5, atol=1e-6)
+    assert torch.equal(params[1].detach(), b) and torch.equal(params[0].detach(), theta_w)  # theta restored
+
+
 def test_snapshot_restore_is_bit_exact_and_uses_preallocated_buffers():
     params = _model()
     snap = ParameterSnapshot(params)
